@@ -1,0 +1,43 @@
+"""fastrl: fast, stable reinforcement learning for multi-turn tool-using LLM agents."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def _version(module_name: str) -> str | None:
+    try:
+        module = __import__(module_name)
+    except Exception:  # an optional dependency that is absent or broken is reported as None
+        return None
+    return getattr(module, "__version__", "unknown")
+
+
+def compiled_extension_active() -> bool:
+    """True when the pybind11 extension `fastrl._C` imports (the installed package builds it)."""
+    try:
+        from fastrl import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def info() -> dict:
+    """Versions of fastrl and its stack, whether the compiled extension is active, CUDA devices."""
+    import torch
+
+    devices = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            devices.append({"index": i, "name": props.name,
+                            "memory_gib": round(props.total_memory / 2**30, 1)})
+    return {
+        "fastrl": __version__,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "vllm": _version("vllm"),
+        "liger_kernel": _version("liger_kernel"),
+        "compiled_extension": compiled_extension_active(),
+        "cuda_devices": devices,
+    }

@@ -1,0 +1,1 @@
+"""Triton kernels of fastrl, installed as `fastrl.kernels`."""

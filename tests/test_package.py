@@ -1,0 +1,39 @@
+import json
+import subprocess
+import sys
+
+import fastrl
+
+
+def test_info_reports_versions_and_extension():
+    info = fastrl.info()
+    import torch
+
+    assert info["fastrl"] == fastrl.__version__
+    assert info["torch"] == torch.__version__
+    assert isinstance(info["compiled_extension"], bool)
+    assert isinstance(info["cuda_devices"], list)
+
+
+def test_installed_package_uses_compiled_extension():
+    # The installed package builds fastrl._C; running without it is only for source trees.
+    assert fastrl.compiled_extension_active()
+    from fastrl import _C
+
+    assert _C.__compiled__ is True
+
+
+def test_cli_info_prints_json():
+    out = subprocess.run([sys.executable, "-m", "fastrl", "info"], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out)["fastrl"] == fastrl.__version__
+
+
+def test_no_top_level_kernels_module_is_installed():
+    # A top-level `kernels` would shadow Hugging Face's `kernels` package that transformers probes.
+    import importlib.util
+
+    import fastrl.kernels  # noqa: F401  (ships inside the fastrl namespace)
+
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or "fastrl" not in (spec.origin or "")
