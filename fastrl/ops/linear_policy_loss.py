@@ -1,0 +1,331 @@
+"""The whole training loss of a packed micro-batch, from hidden states, in one call.
+
+Each loss row t has a kind (fastrl.ops.TokenKind) and contributes w_t * loss_t:
+
+    RL            pg_t + kl_coef * kl_t - entropy_coef * H_t
+                  pg_t = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = exp(logp - old),
+                  with dual clip: pg_t = min(pg_t, -A * dual_clip) where A < 0
+                  kl_t = logp - ref (k1) or exp(ref - logp) - (ref - logp) - 1 (k3)
+    SFT           -sft_weight * logp
+    UNLIKELIHOOD  -unlikelihood_weight * log(max(1 - p, 1e-6)),  p = exp(logp)
+    IGNORE        0 (never computed)
+
+Aggregation (w_t): "token_mean" 1 / num_tokens (the global count of loss tokens across
+micro-batches and ranks, so the parts add up to the whole-batch loss); "seq_mean"
+1 / (len_s * num_sequences), len_s the loss tokens of t's sequence (sequences are never split
+across micro-batches); "constant" 1 / loss_constant (Dr.GRPO).
+
+Every term depends on the token only through log p_y and H, so the gradient is formed right
+here: per token chunk, logits are computed once, their row statistics give logp and H, the O(n)
+loss is differentiated by autograd on those vectors, and the closed-form logit gradient feeds the
+dX and dW matrix products (6 N H V FLOPs; workspace bounded by config.workspace_bytes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from fastrl.ops.linear_token_stats import (
+    DEFAULT_WORKSPACE_BYTES,
+    accumulate_weight_grad,
+    as_control_ids,
+    check_linear_inputs,
+    check_temperature,
+    logits_fp32,
+    logits_grad,
+    resolve_backend,
+    rows_per_chunk,
+    softmax_row_stats,
+)
+from fastrl.ops.token_kind import TokenKind
+
+AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+UNLIKELIHOOD_EPS = 1e-6
+
+
+@dataclass
+class PolicyLossConfig:
+    eps_low: float = 0.2
+    eps_high: float = 0.2              # > eps_low gives "clip-higher"
+    dual_clip: float | None = None     # e.g. 3.0; bounds the loss of negative-advantage tokens
+    kl_coef: float = 0.0               # > 0 needs ref_logprobs
+    kl_estimator: str = "k3"           # "k1" or "k3"
+    entropy_coef: float = 0.0
+    sft_weight: float = 1.0
+    unlikelihood_weight: float = 1.0
+    aggregation: str = "token_mean"    # "token_mean" | "seq_mean" | "constant"
+    loss_constant: float | None = None  # the normaliser of aggregation="constant"
+    temperature: float = 1.0           # as the rollout engine applies it: z / temperature
+    control_metrics: bool = True       # compute the control-token statistics (needs control_ids)
+    spike_threshold: float = 0.5       # max_c p(c) above this at a non-control target is a spike
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES
+
+    def validate(self) -> None:
+        if self.eps_low < 0 or self.eps_high < 0:
+            raise ValueError(f"eps_low/eps_high must be >= 0, got {self.eps_low}/{self.eps_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.aggregation == "constant" and not (self.loss_constant and self.loss_constant > 0):
+            raise ValueError("aggregation='constant' needs loss_constant > 0, "
+                             f"got {self.loss_constant!r}")
+        if not 0 < self.spike_threshold < 1:
+            raise ValueError(f"spike_threshold must be in (0, 1), got {self.spike_threshold}")
+        check_temperature(self.temperature)
+
+
+class PolicyLossOutput(NamedTuple):
+    loss: torch.Tensor        # scalar, differentiable w.r.t. hidden and weight
+    metrics: dict             # detached 0-d tensors (see _metrics)
+    logprobs: torch.Tensor    # [N] fp32 trainer log-probs of the targets (0 at IGNORE rows)
+    entropy: torch.Tensor     # [N] fp32 (0 at IGNORE rows)
+
+
+def token_losses(logp, entropy, kinds, advantages, old_logprobs, ref_logprobs, cfg: PolicyLossConfig):
+    """Per-token loss_t (before aggregation weights) and the RL clip mask. Differentiable in
+    logp and entropy; everything else is data."""
+    loss = torch.zeros_like(logp)
+    clipped = torch.zeros_like(logp, dtype=torch.bool)
+    kl = torch.zeros_like(logp)
+
+    rl = kinds == TokenKind.RL
+    if bool(rl.any()):
+        lp = logp[rl]
+        adv = advantages[rl].float()
+        old = lp.detach() if old_logprobs is None else old_logprobs[rl].float()
+        ratio = torch.exp(lp - old)
+        unclipped = -adv * ratio
+        clipped_obj = -adv * torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
+        pg = torch.maximum(unclipped, clipped_obj)
+        if cfg.dual_clip is not None:
+            pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.dual_clip), pg)
+        rl_loss = pg - cfg.entropy_coef * entropy[rl]
+        if cfg.kl_coef:
+            delta = ref_logprobs[rl].float() - lp
+            kl_rl = -delta if cfg.kl_estimator == "k1" else torch.exp(delta) - delta - 1
+            rl_loss = rl_loss + cfg.kl_coef * kl_rl
+            kl[rl] = kl_rl.detach()
+        loss[rl] = rl_loss
+        clipped[rl] = clipped_obj.detach() > unclipped.detach()
+
+    sft = kinds == TokenKind.SFT
+    if bool(sft.any()):
+        loss[sft] = -cfg.sft_weight * logp[sft]
+
+    ul = kinds == TokenKind.UNLIKELIHOOD
+    if bool(ul.any()):
+        one_minus_p = torch.clamp(-torch.expm1(logp[ul]), min=UNLIKELIHOOD_EPS)
+        loss[ul] = -cfg.unlikelihood_weight * torch.log(one_minus_p)
+    return loss, clipped, kl
+
+
+def aggregation_weights(kinds, seq_ids, cfg: PolicyLossConfig, num_tokens, num_sequences):
+    """w_t per row (0 at IGNORE rows)."""
+    active = kinds != TokenKind.IGNORE
+    weights = active.float()
+    if cfg.aggregation == "token_mean":
+        count = int(active.sum()) if num_tokens is None else num_tokens
+        return weights / max(count, 1)
+    if cfg.aggregation == "constant":
+        return weights / cfg.loss_constant
+    # seq_mean: each sequence's mean over its loss tokens, then the mean over sequences.
+    if seq_ids is None:
+        raise ValueError("aggregation='seq_mean' needs seq_ids (the sequence index of each row)")
+    seq = seq_ids.long()
+    _, inverse, counts = torch.unique(seq[active], return_inverse=True, return_counts=True)
+    count = counts.numel() if num_sequences is None else num_sequences
+    weights[active] = 1.0 / (counts[inverse].float() * max(count, 1))
+    return weights
+
+
+def _check_per_token(name, tensor, n, device, required):
+    if tensor is None:
+        if required:
+            raise ValueError(f"{name} is required here (see PolicyLossConfig and kinds)")
+        return
+    if not isinstance(tensor, torch.Tensor) or tensor.shape != (n,):
+        raise ValueError(f"{name} must be a tensor of shape [{n}], got "
+                         f"{tuple(getattr(tensor, 'shape', ())) or type(tensor).__name__}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but hidden is on {device}")
+
+
+def _check_finite_at(name, tensor, mask):
+    if tensor is not None and bool((~torch.isfinite(tensor) & mask).any()):
+        i = int((~torch.isfinite(tensor) & mask).nonzero()[0, 0])
+        raise ValueError(f"{name}[{i}] = {float(tensor[i])} is not finite")
+
+
+class _PolicyLoss(torch.autograd.Function):
+    """Forward computes the loss and, from the same logits chunks, dX and dW; backward scales."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss_value, dx, dw):
+        ctx.save_for_backward(dx, dw)
+        ctx.has_dx, ctx.has_dw = dx is not None, dw is not None
+        return loss_value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dx, dw = ctx.saved_tensors
+        gx = (dx * grad_out.to(dx.dtype)) if ctx.has_dx else None
+        gw = (dw * grad_out.to(dw.dtype)) if ctx.has_dw else None
+        return gx, gw, None, None, None
+
+
+def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                       kinds: torch.Tensor, advantages: torch.Tensor | None,
+                       old_logprobs: torch.Tensor | None = None,
+                       ref_logprobs: torch.Tensor | None = None, control_ids=None,
+                       config: PolicyLossConfig | None = None, seq_ids: torch.Tensor | None = None,
+                       num_tokens: int | None = None, num_sequences: int | None = None,
+                       backend: str = "auto") -> PolicyLossOutput:
+    """Loss of one packed micro-batch (see module docstring) with its gradient formed in place.
+
+    num_tokens / num_sequences: the global normalisers of "token_mean" / "seq_mean" (default: the
+    counts in this call). old_logprobs=None means on-policy (ratio 1, detached).
+    """
+    cfg = config or PolicyLossConfig()
+    cfg.validate()
+    n = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() == 2 else None
+    if not isinstance(kinds, torch.Tensor) or kinds.dim() != 1 or kinds.dtype.is_floating_point:
+        raise ValueError(f"kinds must be a 1-D integer tensor of TokenKind values, got {kinds!r}")
+    bad_kind = (kinds < TokenKind.IGNORE) | (kinds > TokenKind.UNLIKELIHOOD)
+    if bool(bad_kind.any()):
+        i = int(bad_kind.nonzero()[0, 0])
+        raise ValueError(f"kinds[{i}] = {int(kinds[i])} is not a TokenKind value (0..3)")
+    active = kinds != TokenKind.IGNORE
+    check_linear_inputs(hidden, weight, targets, active if kinds.shape == targets.shape else None)
+    if kinds.shape[0] != n:
+        raise ValueError(f"kinds has {kinds.shape[0]} entries but hidden has {n} rows")
+    device = hidden.device
+    rl_mask = kinds == TokenKind.RL
+    has_rl = bool(rl_mask.any())
+    _check_per_token("advantages", advantages, n, device, required=has_rl)
+    _check_per_token("old_logprobs", old_logprobs, n, device, required=False)
+    _check_per_token("ref_logprobs", ref_logprobs, n, device, required=has_rl and cfg.kl_coef != 0)
+    _check_per_token("seq_ids", seq_ids, n, device, required=cfg.aggregation == "seq_mean")
+    for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs),
+                    ("ref_logprobs", ref_logprobs)):
+        _check_finite_at(name, t, rl_mask)
+    for name, value in (("num_tokens", num_tokens), ("num_sequences", num_sequences)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int (the global count), got {value!r}")
+    control = as_control_ids(control_ids, weight.shape[0], device)
+    if cfg.control_metrics and control.numel() == 0:
+        raise ValueError("control_ids is empty but config.control_metrics=True needs the control-token "
+                         "ids (pass control_ids, or set control_metrics=False)")
+    backend = resolve_backend(backend, device)
+    inv_tau = 1.0 / cfg.temperature
+
+    weights = aggregation_weights(kinds, seq_ids, cfg, num_tokens, num_sequences)
+    idx = active.nonzero()[:, 0]
+    n_act, vocab, k = idx.numel(), weight.shape[0], control.numel()
+    need_dx = hidden.requires_grad and torch.is_grad_enabled()
+    need_dw = weight.requires_grad and torch.is_grad_enabled()
+
+    x_all = hidden.detach().index_select(0, idx)
+    w = weight.detach()
+    y_all = targets.index_select(0, idx).long()
+    sel = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
+    kinds_a, adv_a, old_a, ref_a, w_a = (sel(kinds), sel(advantages), sel(old_logprobs),
+                                          sel(ref_logprobs), weights.index_select(0, idx))
+
+    logp_a = torch.zeros(n_act, device=device)
+    ent_a = torch.zeros(n_act, device=device)
+    ctrl_a = torch.zeros((n_act, k), device=device)
+    clip_a = torch.zeros(n_act, device=device, dtype=torch.bool)
+    kl_a = torch.zeros(n_act, device=device)
+    dx_a = torch.empty_like(x_all) if need_dx else None
+    dw32 = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_dw else None
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    extra = 0 if hidden.dtype == torch.float32 else hidden.element_size()
+    rows = rows_per_chunk(vocab, 4 + extra, cfg.workspace_bytes) if n_act else 1
+    w_mm = w if (w.dtype == torch.float32 or w.is_cuda) else w.float()
+    for start in range(0, n_act, rows):
+        end = min(start + rows, n_act)
+        x = x_all[start:end]
+        y = y_all[start:end]
+        logits = logits_fp32(x if w_mm.dtype == x.dtype else x.to(w_mm.dtype), w_mm)
+        lse, ent, ez, zy = softmax_row_stats(logits, y, inv_tau, backend)
+        if k:
+            ctrl_a[start:end] = logits[:, control] * inv_tau - lse[:, None]
+        logp = (zy - lse).requires_grad_(True)
+        entropy = ent.clone().requires_grad_(True)
+        with torch.enable_grad():
+            per_token, clipped, kl = token_losses(
+                logp, entropy, kinds_a[start:end], None if adv_a is None else adv_a[start:end],
+                None if old_a is None else old_a[start:end], None if ref_a is None else ref_a[start:end],
+                cfg)
+            chunk_loss = (w_a[start:end] * per_token).sum()
+            if need_dx or need_dw:
+                g_y, g_h = torch.autograd.grad(chunk_loss, [logp, entropy], allow_unused=True)
+        loss_sum += chunk_loss.detach().double()
+        logp_a[start:end], ent_a[start:end] = logp.detach(), ent
+        clip_a[start:end], kl_a[start:end] = clipped, kl
+        if need_dx or need_dw:
+            g_y = torch.zeros_like(lse) if g_y is None else g_y
+            g_h = torch.zeros_like(lse) if g_h is None else g_h
+            dz = logits_grad(logits, lse, g_h * ez - g_y, -g_h, y, g_y, inv_tau, hidden.dtype, backend)
+            if need_dx:
+                dx_a[start:end] = dz @ w
+            if need_dw:
+                accumulate_weight_grad(dw32, dz, x)
+            del dz
+        del logits
+
+    dx = None
+    if need_dx:
+        dx = torch.zeros_like(hidden).index_copy_(0, idx, dx_a)
+    dw = dw32.to(weight.dtype) if need_dw else None
+    loss_value = loss_sum.float()
+    loss = _PolicyLoss.apply(hidden, weight, loss_value, dx, dw) if (need_dx or need_dw) else loss_value
+
+    logprobs = torch.zeros(n, device=device).index_copy_(0, idx, logp_a)
+    entropy_full = torch.zeros(n, device=device).index_copy_(0, idx, ent_a)
+    metrics = _metrics(kinds_a, y_all, logp_a, ent_a, ctrl_a, clip_a, kl_a, old_a, control, cfg)
+    return PolicyLossOutput(loss, metrics, logprobs, entropy_full)
+
+
+def _masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _metrics(kinds, targets, logp, entropy, control_logprobs, clipped, kl, old, control, cfg):
+    """Detached per-micro-batch metrics; counts come along so callers can combine micro-batches."""
+    rl = kinds == TokenKind.RL
+    m = {
+        "tokens_rl": rl.sum(),
+        "tokens_sft": (kinds == TokenKind.SFT).sum(),
+        "tokens_unlikelihood": (kinds == TokenKind.UNLIKELIHOOD).sum(),
+        "clip_fraction": _masked_mean(clipped.float(), rl),
+        "kl_mean": _masked_mean(kl, rl),
+        "entropy_mean": entropy.mean() if entropy.numel() else entropy.new_zeros(()),
+        "entropy_rl_mean": _masked_mean(entropy, rl),
+    }
+    if old is not None:
+        m["logprob_gap_mean"] = _masked_mean((logp - old.float()).abs(), rl)
+    if control.numel():
+        p_c = control_logprobs.exp()
+        p_ctrl = p_c.sum(dim=1)
+        max_c = p_c.max(dim=1).values
+        is_ctrl = torch.isin(targets, control)
+        plain = rl & ~is_ctrl
+        at_ctrl = rl & is_ctrl
+        m.update({
+            "tokens_rl_control_target": at_ctrl.sum(),
+            "intrusion_mean": _masked_mean(p_ctrl, plain),
+            "intrusion_max": torch.where(plain, p_ctrl, 0.0).max() if plain.numel() else p_ctrl.new_zeros(()),
+            "control_confidence_mean": _masked_mean(logp, at_ctrl),
+            "control_confidence_min": (torch.where(at_ctrl, logp, float("inf")).min()
+                                       if bool(at_ctrl.any()) else logp.new_zeros(())),
+            "entropy_control_mean": _masked_mean(entropy, at_ctrl),
+            "spike_count": (plain & (max_c > cfg.spike_threshold)).sum(),
+        })
+    return m
