@@ -67,7 +67,7 @@ def check_linear_inputs(hidden, weight, targets, active=None) -> None:
 
 def as_control_ids(control_ids, vocab: int, device) -> torch.Tensor:
     """Control-token ids as an int64 tensor; unique, each in [0, V)."""
-    if control_ids is None:
+    if control_ids is None or len(control_ids) == 0:
         return torch.empty(0, dtype=torch.long, device=device)
     ids = torch.as_tensor(control_ids, device=device)
     if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
