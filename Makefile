@@ -23,7 +23,7 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	$(BIN)/python -m pytest bench --benchmark-enable -q
+	$(BIN)/python -m pytest bench --benchmark-enable -o python_files='bench_*.py' -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastrl/_C*.so
