@@ -9,6 +9,7 @@ from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss, linear_t
 from fastrl.ops.reference import reference_policy_loss, reference_token_stats
 
 BACKENDS = ["torch", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: Triton runs in the interpreter
 
 
 @pytest.fixture
@@ -34,7 +35,8 @@ def make_batch(gen, n=48, h=20, v=531, num_seqs=5):
         logp = reference_token_stats(x.double(), w.double(), y, control)[0].float()
     old = logp + 0.4 * torch.randn(n, generator=gen)   # ratios both inside and outside the clip range
     ref = logp + 0.3 * torch.randn(n, generator=gen)
-    return dict(x=x, w=w, y=y, kinds=kinds, adv=adv, old=old, ref=ref, seq_ids=seq_ids, control=control)
+    batch = dict(x=x, w=w, y=y, kinds=kinds, adv=adv, old=old, ref=ref, seq_ids=seq_ids)
+    return {k: t.to(DEVICE) for k, t in batch.items()} | {"control": control}
 
 
 CONFIGS = {
@@ -85,7 +87,7 @@ def test_loss_and_gradients_match_reference(backend, name, gen):
 def test_on_policy_ratio_is_one_and_detached(backend, gen):
     b = make_batch(gen)
     b["kinds"][:] = TokenKind.RL
-    b["y"] = torch.randint(0, 531, (48,), generator=gen)
+    b["y"] = torch.randint(0, 531, (48,), generator=gen).to(DEVICE)
     xr, wr = b["x"].double().requires_grad_(), b["w"].double().requires_grad_()
     ref = reference_policy_loss(xr, wr, b["y"], b["kinds"], b["adv"])   # old = logp.detach()
     ref.backward()
@@ -127,7 +129,7 @@ def test_metrics_match_reference_statistics(backend, gen):
     out, _, _ = run(b, cfg, backend)
     logp, ent, ctrl, _ = reference_token_stats(b["x"].double(), w.double(), b["y"], b["control"])
     rl = b["kinds"] == TokenKind.RL
-    is_ctrl = torch.isin(b["y"], torch.tensor(b["control"]))
+    is_ctrl = torch.isin(b["y"], torch.tensor(b["control"], device=DEVICE))
     plain, at_ctrl = rl & ~is_ctrl, rl & is_ctrl
     p_ctrl = ctrl.exp().sum(1)
     ratio = torch.exp(logp - b["old"].double())

@@ -8,6 +8,7 @@ from fastrl.ops import linear_token_stats
 from fastrl.ops.reference import reference_token_stats
 
 BACKENDS = ["torch", "triton"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: Triton runs in the interpreter
 SHAPES = [  # (N, H, V): V never a multiple of a block, H not a multiple of 16, N = 1 and N > a block
     (1, 24, 1000),
     (37, 20, 1531),
@@ -27,7 +28,7 @@ def make_inputs(n, h, v, gen, *, ignore=True, peaked=True, negative=True):
     y[0] = v - 1                                     # target in the last partial tile
     if ignore and n > 3:
         y[torch.randperm(n, generator=gen)[: n // 4]] = -100
-    return x, w, y
+    return x.to(DEVICE), w.to(DEVICE), y.to(DEVICE)
 
 
 @pytest.fixture
@@ -45,8 +46,8 @@ def test_forward_and_gradients_match_float64_reference(backend, shape, temperatu
     x, w, y = make_inputs(n, h, v, gen)
     control = [v - 1, v - 2, 3, int(torch.randint(0, v, (1,), generator=gen))]
     control = list(dict.fromkeys(control))
-    g_logp, g_ent = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
-    g_ctrl = torch.randn(n, len(control), generator=gen)
+    g_logp, g_ent = torch.randn(n, generator=gen).to(DEVICE), torch.randn(n, generator=gen).to(DEVICE)
+    g_ctrl = torch.randn(n, len(control), generator=gen).to(DEVICE)
 
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
     ref = reference_token_stats(xr, wr, y, control, temperature)
@@ -110,7 +111,7 @@ def test_no_grad_forward_matches_grad_forward(backend, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bitwise_deterministic(backend, gen):
     x, w, y = make_inputs(33, 20, 700, gen)
-    g = torch.randn(33, generator=gen)
+    g = torch.randn(33, generator=gen).to(DEVICE)
     results = []
     for _ in range(2):
         xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -153,3 +154,21 @@ def test_bad_inputs_name_the_problem(gen):
         linear_token_stats(x, w, y[:7])
     with pytest.raises(ValueError, match="backend"):
         linear_token_stats(x, w, y, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 accuracy is measured on a GPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_logprobs_within_1e2_relative_of_fp32_reference(backend, gen):
+    n, h, v = 512, 256, 32003
+    x = (torch.randn(n, h, generator=gen)).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(v, h, generator=gen) * h ** -0.5 * 3).to(DEVICE, torch.bfloat16)
+    y = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+    xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = linear_token_stats(xx, ww, y, control_ids=[v - 1, 0, 17], backend=backend)
+    ref = reference_token_stats(x.float().requires_grad_(), w.float(), y, [v - 1, 0, 17])
+    assert out.logprobs.dtype == torch.float32
+    scale = ref[0].abs().max()
+    assert float((out.logprobs - ref[0]).abs().max() / scale) < 1e-2
+    assert float((out.entropy - ref[1]).abs().max() / ref[1].abs().max()) < 1e-2
+    out.logprobs.sum().backward()
+    assert xx.grad.dtype == torch.bfloat16 and torch.isfinite(xx.grad.float()).all()
