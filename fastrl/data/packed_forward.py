@@ -1,0 +1,70 @@
+"""Running a Hugging Face causal LM on a packed batch without attention across sequences.
+
+Sequences packed into one row must each see only their own past. Two ways, by attention
+implementation:
+- flash-attn (`flash_attention_2/3`, GPU): the varlen kernel gets `cu_seq_lens_*` and per-sequence
+  position ids; nothing of size T x T is built.
+- eager / sdpa (CPU, or GPU without flash-attn): an explicit block-diagonal causal mask
+  [1, 1, T, T], which transformers passes through unchanged. It costs T^2 memory, so keep
+  micro-batches moderate on this path.
+Position ids restart at 0 for every sequence, so rotary embeddings match unpacked forwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PackedOutput:
+    hidden_states: torch.Tensor        # [T, hidden], last layer after the final norm (LM-head input)
+    logits: torch.Tensor | None = None  # [T, vocab] when asked for
+
+
+def block_causal_mask(cu_seqlens: torch.Tensor, dtype: torch.dtype | None = None,
+                      device=None) -> torch.Tensor:
+    """[1, 1, T, T] mask letting token i attend token j iff both are in one sequence and j <= i.
+    Boolean (True = attend) when `dtype` is None, else additive (0 / dtype's min)."""
+    cu = torch.as_tensor(cu_seqlens, device=device).long()
+    total = int(cu[-1])
+    seq = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), cu.diff())
+    pos = torch.arange(total, device=cu.device)
+    allowed = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+    if dtype is None:
+        return allowed[None, None]
+    mask = torch.zeros(total, total, dtype=dtype, device=cu.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def packed_forward(model, input_ids, position_ids, cu_seqlens, *, return_logits: bool = False,
+                   return_hidden: bool = True) -> PackedOutput:
+    """Forward a packed batch (flat [T] tensors, e.g. from `PackedBatch.to_torch()`).
+
+    Returns the last hidden states (what the LM head / a fused linear-loss kernel consumes)
+    and, with `return_logits`, the logits. `model` is a `*ForCausalLM` (e.g. Qwen2ForCausalLM).
+    """
+    device = next(model.parameters()).device
+    input_ids = torch.as_tensor(input_ids, device=device).long().reshape(1, -1)
+    position_ids = torch.as_tensor(position_ids, device=device).long().reshape(1, -1)
+    cu = torch.as_tensor(cu_seqlens, device=device).to(torch.int32)
+    if int(cu[-1]) != input_ids.shape[1]:
+        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but there are "
+                         f"{input_ids.shape[1]} tokens")
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    kwargs = {}
+    if attn.startswith("flash_attention"):
+        max_len = int(cu.diff().max())
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
+                      max_length_k=max_len)
+        mask = None
+    elif attn == "sdpa":
+        mask = block_causal_mask(cu, device=device)
+    else:  # eager and others add the mask to the scores
+        mask = block_causal_mask(cu, dtype=model.dtype, device=device)
+    out = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                           use_cache=False, **kwargs)
+    hidden = out.last_hidden_state[0]
+    logits = model.get_output_embeddings()(hidden) if return_logits else None
+    return PackedOutput(hidden_states=hidden if return_hidden else None, logits=logits)

@@ -1,0 +1,228 @@
+"""Packed tensors, control-token scan and turn boundaries: compiled vs Python parity on fresh
+random inputs, an independent per-sequence oracle for the shift convention, and bad input."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fastrl.data.packed import (PackedBatch, build_packed_batch, control_token_mask,
+                                pack_micro_batches, turn_boundaries)
+from fastrl.data.trajectory import SequenceStore, Trajectory
+from fastrl.ops.token_kind import TokenKind
+
+IMPLS = ["cpp", "python"]
+VOCAB = 1000
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("FASTRL_TEST_SEED", random.SystemRandom().randrange(2**32)))
+    print(f"random seed: {seed} (rerun with FASTRL_TEST_SEED={seed})")
+    return np.random.default_rng(seed)
+
+
+def random_store(rng, n, max_len=300):
+    """Sequences with prompt / assistant / observation runs, like real trajectories."""
+    trajs = []
+    for _ in range(n):
+        expert = bool(rng.random() < 0.2)
+        traj = Trajectory(is_expert=expert, advantage=float(rng.normal()))
+        traj.add_prompt(rng.integers(0, VOCAB, size=int(rng.integers(1, max_len // 4))))
+        for _ in range(int(rng.integers(0, 4))):
+            k = int(rng.integers(1, max_len // 4))
+            kinds = rng.integers(1, 4, size=k) if rng.random() < 0.3 else None
+            traj.add_assistant(rng.integers(0, VOCAB, size=k), -rng.uniform(0.01, 5, size=k),
+                               kinds)
+            traj.add_observation(rng.integers(0, VOCAB, size=int(rng.integers(0, 20))))
+        trajs.append(traj)
+    return SequenceStore.from_trajectories(trajs), trajs
+
+
+def oracle(trajs, order):
+    """The shift convention spelled out sequence by sequence with Python lists."""
+    cols = {k: [] for k in ("input_ids", "target_ids", "kinds", "logprobs", "advantages",
+                            "position_ids", "seq_index")}
+    cu = [0]
+    for j, s in enumerate(order):
+        t = trajs[s]
+        ids, kinds, lp, adv = (t.token_ids.tolist(), t.kinds.tolist(), t.logprobs.tolist(),
+                               t.advantages.tolist())
+        for p in range(len(ids)):
+            has_next = p + 1 < len(ids)
+            cols["input_ids"].append(ids[p])
+            cols["target_ids"].append(ids[p + 1] if has_next else 0)
+            cols["kinds"].append(kinds[p + 1] if has_next else int(TokenKind.IGNORE))
+            cols["logprobs"].append(lp[p + 1] if has_next else 0.0)
+            cols["advantages"].append(adv[p + 1] if has_next else 0.0)
+            cols["position_ids"].append(p)
+            cols["seq_index"].append(j)
+        cu.append(cu[-1] + len(ids))
+    cols["cu_seqlens"] = cu
+    return cols
+
+
+def assert_batches_equal(a: PackedBatch, b: PackedBatch):
+    for name in PackedBatch.__dataclass_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype, name
+        np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+def test_build_cpp_matches_python_and_oracle(rng):
+    store, trajs = random_store(rng, 60)
+    order = rng.permutation(len(store))[: int(rng.integers(1, len(store)))]
+    cpp = build_packed_batch(store, order, VOCAB, impl="cpp")
+    py = build_packed_batch(store, order, VOCAB, impl="python")
+    assert_batches_equal(cpp, py)
+    expected = oracle(trajs, order.tolist())
+    for name, values in expected.items():
+        np.testing.assert_array_equal(getattr(cpp, name), np.asarray(values, getattr(cpp, name).dtype),
+                                      err_msg=name)
+    assert cpp.sequences.tolist() == order.tolist()
+    assert cpp.input_ids.dtype == np.int64 and cpp.cu_seqlens.dtype == np.int32
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_last_row_of_each_sequence_has_no_target(rng, impl):
+    store, _ = random_store(rng, 30)
+    batch = build_packed_batch(store, np.arange(len(store)), VOCAB, impl=impl)
+    last = batch.cu_seqlens[1:] - 1
+    assert (batch.kinds[last] == TokenKind.IGNORE).all()
+    assert (batch.target_ids[last] == 0).all() and (batch.logprobs[last] == 0).all()
+    # Everything else is a true next token within one sequence.
+    inner = np.setdiff1d(np.arange(batch.num_tokens), last)
+    np.testing.assert_array_equal(batch.target_ids[inner], batch.input_ids[inner + 1])
+    assert (batch.seq_index[inner] == batch.seq_index[inner + 1]).all()
+    assert (batch.position_ids[batch.cu_seqlens[:-1]] == 0).all()
+    # Trained rows exist and carry real rollout log-probs (not a test on zeros).
+    rl = batch.kinds == TokenKind.RL
+    assert rl.any() and (batch.logprobs[rl] < 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_micro_batches_cover_the_store_within_budget(rng, impl):
+    store, _ = random_store(rng, 80)
+    budget = int(store.lengths.max()) + int(rng.integers(0, 400))
+    batches = pack_micro_batches(store, budget, VOCAB, impl=impl)
+    seen = sorted(s for b in batches for s in b.sequences.tolist())
+    assert seen == list(range(len(store)))
+    assert all(b.num_tokens <= budget for b in batches)
+    assert sum(b.num_tokens for b in batches) == len(store.token_ids)
+    t = batches[0].to_torch()
+    assert t["input_ids"].dtype == torch.int64 and t["kinds"].dtype == torch.int32
+    assert t["cu_seqlens"].dtype == torch.int32
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_build_bad_input_names_the_item(rng, impl):
+    store, _ = random_store(rng, 5)
+    bad = SequenceStore(store.token_ids.copy(), store.kinds.copy(), store.logprobs,
+                        store.advantages, store.offsets)
+    pos = int(store.offsets[3]) + 1
+    bad.token_ids[pos] = VOCAB + 7
+    with pytest.raises(ValueError, match=f"sequence 3 token 1: id {VOCAB + 7} outside the vocab"):
+        build_packed_batch(bad, [0, 3], VOCAB, impl=impl)
+    bad.token_ids[pos] = -2
+    with pytest.raises(ValueError, match="sequence 3 token 1: id -2"):
+        build_packed_batch(bad, [3], VOCAB, impl=impl)
+    bad.token_ids[pos] = 5
+    bad.kinds[pos] = 7
+    with pytest.raises(ValueError, match="sequence 3 token 1: kind 7 is not a TokenKind"):
+        build_packed_batch(bad, [3], VOCAB, impl=impl)
+    with pytest.raises(ValueError, match=r"order\[1\] = 5 is not a stored sequence"):
+        build_packed_batch(store, [0, 5], VOCAB, impl=impl)
+    with pytest.raises(ValueError, match=r"order\[0\] = 1\.5"):
+        build_packed_batch(store, [1.5], VOCAB, impl=impl)
+    empty = SequenceStore(store.token_ids, store.kinds, store.logprobs, store.advantages,
+                          np.concatenate([[0, 0], store.offsets[1:]]))
+    with pytest.raises(ValueError, match="sequence 0 has length 0"):
+        build_packed_batch(empty, [1], VOCAB, impl=impl)
+    with pytest.raises(ValueError, match="vocab_size = 0"):
+        build_packed_batch(store, [0], 0, impl=impl)
+
+
+# --- control tokens and turn boundaries ------------------------------------------------------
+
+
+def test_control_mask_cpp_matches_python_and_oracle(rng):
+    ids = rng.integers(0, VOCAB, size=int(rng.integers(1000, 5000)))
+    control = rng.choice(VOCAB, size=int(rng.integers(1, 12)), replace=False)
+    cpp = control_token_mask(ids, control, VOCAB, impl="cpp")
+    py = control_token_mask(ids, control, VOCAB, impl="python")
+    assert cpp.dtype == py.dtype == np.bool_
+    np.testing.assert_array_equal(cpp, py)
+    wanted = set(control.tolist())
+    np.testing.assert_array_equal(cpp, np.array([i in wanted for i in ids.tolist()]))
+    assert cpp.any() and not cpp.all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_control_mask_bad_input(impl):
+    with pytest.raises(ValueError, match=r"token_ids\[2\] = 50 outside the vocabulary"):
+        control_token_mask([1, 2, 50], [1], vocab_size=50, impl=impl)
+    with pytest.raises(ValueError, match=r"token_ids\[1\] = -1"):
+        control_token_mask([1, -1], [1], impl=impl)
+    with pytest.raises(ValueError, match=r"control_ids\[1\] = 60"):
+        control_token_mask([1, 2], [1, 60], vocab_size=50, impl=impl)
+    with pytest.raises(ValueError, match=r"token_ids\[0\] = 1\.0"):
+        control_token_mask(np.array([1.0, 2.0]), [1], impl=impl)
+    assert control_token_mask([7, 3, 99999], [3], impl=impl).tolist() == [False, True, False]
+
+
+def turn_oracle(kinds, cu):
+    spans = []
+    for s in range(len(cu) - 1):
+        run_start = None
+        for i in range(cu[s], cu[s + 1]):
+            if kinds[i] != 0 and run_start is None:
+                run_start = i
+            if kinds[i] == 0 and run_start is not None:
+                spans.append((run_start, i))
+                run_start = None
+        if run_start is not None:
+            spans.append((run_start, cu[s + 1]))
+    return spans
+
+
+def test_turn_boundaries_cpp_matches_python_and_oracle(rng):
+    store, trajs = random_store(rng, 50)
+    for kinds, cu in [(store.kinds, store.offsets),
+                      # runs touching sequence edges, and empty sequences, on random kinds
+                      (rng.integers(0, 4, size=3000) * (rng.random(3000) < 0.7),
+                       np.sort(np.concatenate([[0, 3000], rng.integers(0, 3000, size=40)])))]:
+        cpp = turn_boundaries(kinds, cu, impl="cpp")
+        py = turn_boundaries(kinds, cu, impl="python")
+        np.testing.assert_array_equal(cpp[0], py[0])
+        np.testing.assert_array_equal(cpp[1], py[1])
+        assert list(zip(cpp[0].tolist(), cpp[1].tolist())) == turn_oracle(kinds.tolist(),
+                                                                          cu.tolist())
+    # On a trajectory store, the runs are exactly the assistant turns of each trajectory.
+    starts, ends = turn_boundaries(store.kinds, store.offsets)
+    expected = [(int(store.offsets[i]) + a, int(store.offsets[i]) + b)
+                for i, t in enumerate(trajs) for a, b in _merged(t.assistant_spans())]
+    assert list(zip(starts.tolist(), ends.tolist())) == expected
+
+
+def _merged(spans):
+    # Adjacent assistant segments (no observation between) form one run.
+    out = []
+    for a, b in spans:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_turn_boundaries_bad_input(impl):
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        turn_boundaries([0, 1, 1], [0, 2], impl=impl)
+    with pytest.raises(ValueError, match=r"cu_seqlens\[2\] = 1 is below cu_seqlens\[1\] = 2"):
+        turn_boundaries([0, 1, 1], [0, 2, 1, 3], impl=impl)
+    with pytest.raises(ValueError, match=r"kinds\[1\] = 9"):
+        turn_boundaries([0, 9, 1], [0, 3], impl=impl)
+    s, e = turn_boundaries([1, 1, 0, 1, 1, 1], [0, 2, 4, 6], impl=impl)
+    assert s.tolist() == [0, 3, 4] and e.tolist() == [2, 4, 6]
