@@ -126,8 +126,9 @@ def _matches(value: Any, schema: dict) -> bool:
     return True  # a type word this validator does not know: accept rather than misjudge
 
 
-def validate_arguments(spec: dict, arguments: Any) -> list[str]:
-    """Problems with `arguments` against a tool spec, each naming the bad argument; [] if fine."""
+def validate_arguments(spec: dict, arguments: Any, check_types: bool = True) -> list[str]:
+    """Problems with `arguments` against a tool spec, each naming the bad argument; [] if fine.
+    `check_types=False` checks only names (missing required, unknown)."""
     fn = spec["function"]
     params = fn.get("parameters") or {}
     props = params.get("properties") or {}
@@ -141,7 +142,7 @@ def validate_arguments(spec: dict, arguments: Any) -> list[str]:
         if key not in props:
             problems.append(f"unknown argument {key!r} of {fn['name']} "
                             f"(expected one of {sorted(props)})")
-        elif not _matches(value, props[key]):
+        elif check_types and not _matches(value, props[key]):
             want = props[key].get("type") or props[key].get("enum") or "a valid value"
             problems.append(f"argument {key!r} of {fn['name']} must be {want}, "
                             f"got {json.dumps(value)[:80]}")
@@ -226,6 +227,7 @@ class ToolExecutor:
     max_output_chars: int = 4000
     parallel: bool = True
     max_workers: int = 8
+    check_types: bool = True
     to_text: Callable[[Any], str] = default_to_text
 
     def _truncate(self, text: str) -> str:
@@ -236,7 +238,7 @@ class ToolExecutor:
     def _check(self, registry: ToolRegistry, name: str, arguments: Any) -> str | None:
         if name not in registry:
             return f"Error: unknown tool {name!r}; available tools: {', '.join(registry.names())}"
-        problems = validate_arguments(registry[name].spec, arguments)
+        problems = validate_arguments(registry[name].spec, arguments, self.check_types)
         return "Error: " + "; ".join(problems) if problems else None
 
     def _finish(self, name: str, future, deadline_s: float) -> ToolResult:
