@@ -1,0 +1,160 @@
+"""One optimisation step over a list of token-space trajectories.
+
+    trajectories -> SequenceStore -> packed micro-batches (first-fit-decreasing)
+    for each micro-batch: one forward of the base model -> hidden states of the loss rows
+                          -> fastrl.ops.linear_policy_loss (RL, SFT and unlikelihood rows together)
+                          -> backward
+    all-reduce gradients (data parallel) -> non-finite check -> clip -> optimizer step
+
+RL rollouts, expert trajectories and erroneous tokens share the micro-batches and the one
+forward: supervision costs no extra forward pass. The loss is normalised by the global count of
+loss tokens (and sequences), so micro-batches and ranks add up to the whole-batch loss.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fastrl.data import SequenceStore
+from fastrl.data.packed import pack_micro_batches
+from fastrl.data.packed_forward import packed_forward
+from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss, linear_token_stats
+
+# Metrics that are sums over micro-batches (counts); the rest are token-weighted means.
+COUNT_METRICS = ("tokens_rl", "tokens_sft", "tokens_unlikelihood", "tokens_rl_control_target", "spike_count")
+MAX_METRICS = ("intrusion_max",)
+MIN_METRICS = ("control_confidence_min",)
+
+
+@dataclass
+class UpdateResult:
+    loss: float
+    grad_norm: float
+    skipped: bool            # non-finite loss or gradient: weights untouched
+    metrics: dict
+    forward_passes: int      # forwards of the policy model
+    ref_forward_passes: int  # forwards of the reference model (only when kl_coef != 0)
+    seconds_forward_backward: float
+    seconds_optimizer: float
+
+
+def _world() -> tuple[int, bool]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), True
+    return 1, False
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    world, on = _world()
+    if not on:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _combine(metrics_list: list[dict], weights: list[float]) -> dict:
+    """Token-weighted combination of per-micro-batch metrics."""
+    out = {}
+    keys = set().union(*[m.keys() for m in metrics_list]) if metrics_list else set()
+    for k in keys:
+        vals = [(float(m[k]), w) for m, w in zip(metrics_list, weights) if k in m]
+        if k in COUNT_METRICS:
+            out[k] = sum(v for v, _ in vals)
+        elif k in MAX_METRICS:
+            out[k] = max(v for v, _ in vals)
+        elif k in MIN_METRICS:
+            out[k] = min(v for v, _ in vals)
+        else:
+            total = sum(w for _, w in vals)
+            out[k] = sum(v * w for v, w in vals) / total if total else 0.0
+    return out
+
+
+def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConfig, control_ids,
+                  micro_batch_tokens: int, grad_clip: float | None = 1.0, old_logprobs: str = "rollout",
+                  ref_model=None, lr: float | None = None, backend: str = "auto") -> UpdateResult:
+    """Forward/backward over all micro-batches of `trajectories`, then one optimizer step.
+
+    old_logprobs: "rollout" (the engine's sampling log-probs are the behaviour policy) or
+    "on_policy" (ratio 1, detached). `lr` overrides the optimizer's learning rate for this step
+    (e.g. an SFT phase with its own rate). With torch.distributed initialised, each rank passes
+    its own trajectories; counts and gradients are summed over ranks.
+    """
+    if old_logprobs not in ("rollout", "on_policy"):
+        raise ValueError(f"old_logprobs must be 'rollout' or 'on_policy', got {old_logprobs!r}")
+    if loss_config.kl_coef and ref_model is None:
+        raise ValueError("loss.kl_coef != 0 needs a reference model")
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    head = model.get_output_embeddings().weight
+    t0 = time.perf_counter()
+
+    batches = pack_micro_batches(SequenceStore.from_trajectories(trajectories), micro_batch_tokens, vocab)
+    local_tokens = sum(int((b.kinds != TokenKind.IGNORE).sum()) for b in batches)
+    local_seqs = sum(len(set(b.seq_index[b.kinds != TokenKind.IGNORE].tolist())) for b in batches)
+    global_tokens, global_seqs = (int(v) for v in _all_reduce_sum([local_tokens, local_seqs], device))
+
+    model.train()
+    loss_total, forwards, ref_forwards = 0.0, 0, 0
+    metrics_list, weights = [], []
+    for b in batches:
+        t = b.to_torch(device)
+        rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0]
+        if rows.numel() == 0:
+            continue
+        hidden = packed_forward(model, t["input_ids"], t["position_ids"], t["cu_seqlens"]).hidden_states
+        forwards += 1
+        ref_lp = None
+        if loss_config.kl_coef:
+            with torch.no_grad():
+                ref_hidden = packed_forward(ref_model, t["input_ids"], t["position_ids"],
+                                            t["cu_seqlens"]).hidden_states
+                ref_lp = linear_token_stats(ref_hidden[rows], ref_model.get_output_embeddings().weight,
+                                            t["target_ids"][rows], temperature=loss_config.temperature,
+                                            backend=backend).logprobs
+            ref_forwards += 1
+        out = linear_policy_loss(
+            hidden[rows], head, t["target_ids"][rows], kinds=t["kinds"][rows],
+            advantages=t["advantages"][rows],
+            old_logprobs=t["logprobs"][rows] if old_logprobs == "rollout" else None,
+            ref_logprobs=ref_lp, control_ids=control_ids, config=loss_config,
+            seq_ids=t["seq_index"][rows], num_tokens=global_tokens, num_sequences=global_seqs,
+            backend=backend)
+        out.loss.backward()
+        loss_total += float(out.loss)
+        metrics_list.append(out.metrics)
+        weights.append(float(rows.numel()))
+    t1 = time.perf_counter()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    world, on = _world()
+    if on:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+        loss_total = _all_reduce_sum([loss_total], device)[0]
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf")))
+    finite = math.isfinite(loss_total) and math.isfinite(grad_norm) and bool(grads)
+    if finite:
+        if lr is not None:
+            saved = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+        optimizer.step()
+        if lr is not None:
+            for g, s in zip(optimizer.param_groups, saved):
+                g["lr"] = s
+    optimizer.zero_grad(set_to_none=True)
+    t2 = time.perf_counter()
+    metrics = _combine(metrics_list, weights)
+    metrics.update(loss_tokens=global_tokens, micro_batches=len(batches))
+    return UpdateResult(loss=loss_total, grad_norm=grad_norm, skipped=not finite, metrics=metrics,
+                        forward_passes=forwards, ref_forward_passes=ref_forwards,
+                        seconds_forward_backward=t1 - t0, seconds_optimizer=t2 - t1)
