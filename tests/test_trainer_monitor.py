@@ -1,0 +1,72 @@
+"""Group advantages and the collapse monitor."""
+import numpy as np
+import pytest
+
+from fastrl.trainer.advantages import group_advantages
+from fastrl.trainer.monitor import CollapseMonitor, MonitorConfig
+
+
+def test_group_advantages_against_direct_formula():
+    rng = np.random.default_rng()
+    groups = rng.integers(0, 5, 40)
+    rewards = rng.random(40)
+    adv = group_advantages(rewards, groups)
+    raw = group_advantages(rewards, groups, std_normalize=False)
+    for g in np.unique(groups):
+        idx = groups == g
+        r = rewards[idx]
+        np.testing.assert_allclose(raw[idx], r - r.mean(), rtol=1e-5, atol=1e-6)
+        if len(r) > 1 and r.std() > 0:
+            np.testing.assert_allclose(adv[idx], (r - r.mean()) / (r.std() + 1e-6), rtol=1e-4, atol=1e-5)
+    same = group_advantages([1.0, 1.0, 1.0], [0, 0, 0])
+    assert (same == 0).all()
+    with pytest.raises(ValueError, match=r"rewards\[1\] = nan"):
+        group_advantages([0.0, float("nan")], [0, 0])
+    with pytest.raises(ValueError, match="group ids"):
+        group_advantages([0.0, 1.0], [0])
+
+
+def healthy(rng):
+    return dict(format_error_rate=0.0, intrusion_mean=0.01 + 0.002 * rng.random(), intrusion_max=0.1,
+                spike_count=0, tokens_rl=500, tokens_rl_control_target=40,
+                control_confidence_mean=-0.05 - 0.01 * rng.random(), entropy_mean=0.8 + 0.05 * rng.random())
+
+
+def test_monitor_quiet_on_healthy_steps_and_fires_on_intrusion_rise():
+    rng = np.random.default_rng()
+    mon = CollapseMonitor(MonitorConfig())
+    for _ in range(6):
+        assert not mon.update(healthy(rng)).warning
+    bad = healthy(rng) | {"intrusion_mean": 0.2}
+    v = mon.update(bad)
+    assert v.warning and not v.severe and any("intrusion_mean" in r for r in v.reasons)
+    # Baseline was not polluted by the bad step.
+    assert mon.baseline["intrusion_mean"] < 0.02
+
+
+@pytest.mark.parametrize("key,value,word", [
+    ("intrusion_max", 0.9, "intrusion_max"),
+    ("spike_count", 50, "spike rate"),
+    ("control_confidence_mean", -2.0, "control_confidence_mean"),
+    ("format_error_rate", 0.6, "format_error_rate"),
+])
+def test_each_absolute_signal(key, value, word):
+    rng = np.random.default_rng()
+    mon = CollapseMonitor(MonitorConfig())
+    v = mon.update(healthy(rng) | {key: value})
+    assert v.warning and any(word in r for r in v.reasons)
+    assert v.severe == (key == "format_error_rate")
+
+
+def test_patience_and_off_policy_and_state_roundtrip():
+    rng = np.random.default_rng()
+    mon = CollapseMonitor(MonitorConfig(patience=2))
+    assert not mon.update(healthy(rng) | {"intrusion_max": 0.9}).warning
+    assert mon.update(healthy(rng) | {"intrusion_max": 0.9}).warning
+    clone = CollapseMonitor(MonitorConfig(patience=2))
+    clone.load_state_dict(mon.state_dict())
+    assert clone.state_dict() == mon.state_dict()
+    off = CollapseMonitor(MonitorConfig(policy="off"))
+    assert not off.update(healthy(rng) | {"format_error_rate": 1.0}).warning
+    with pytest.raises(ValueError, match="monitor.policy"):
+        MonitorConfig(policy="panic").validate()
