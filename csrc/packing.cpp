@@ -76,12 +76,6 @@ py::list pack_sequences(const InArray<int64_t>& lengths_in, int64_t token_budget
   return to_py(bins);
 }
 
-// A k-way partial partition of Karmarkar-Karp: subsets kept sorted by sum, largest first.
-struct Partition {
-  std::vector<int64_t> sums;
-  std::vector<std::vector<int64_t>> members;
-};
-
 py::list balance_partitions(const InArray<int64_t>& lengths_in, int64_t num_parts) {
   const int64_t n = lengths_in.size();
   const int64_t* lengths = lengths_in.data();
@@ -92,50 +86,56 @@ py::list balance_partitions(const InArray<int64_t>& lengths_in, int64_t num_part
   const int64_t k = num_parts;
   if (n == 0) return to_py(std::vector<std::vector<int64_t>>(k));
 
-  std::vector<std::vector<int64_t>> parts;
+  std::vector<std::vector<int64_t>> parts(k);
   {
     py::gil_scoped_release no_gil;
-    std::vector<Partition> pool;
-    pool.reserve(2 * n);
-    // Heap of (spread, -id): the largest spread first, the oldest partition on ties.
-    std::priority_queue<std::tuple<int64_t, int64_t>> heap;
+    // Karmarkar-Karp on k-way partial partitions. A partition in slot p owns entries
+    // [p*k, p*k + k): the sum of each subset (largest first) and its members as a singly linked
+    // list over items (head/tail per entry, next per item), so merging subsets is O(1). A merge
+    // writes its result into the slot of its first input: at most n slots are ever live.
+    std::vector<int64_t> sums(n * k, 0), head(n * k, -1), tail(n * k, -1), next(n, -1);
+    // Heap of (spread, -id, slot): the largest spread first, the oldest partition on ties.
+    std::priority_queue<std::tuple<int64_t, int64_t, int64_t>> heap;
     for (int64_t i = 0; i < n; ++i) {
-      Partition p{std::vector<int64_t>(k, 0), std::vector<std::vector<int64_t>>(k)};
-      p.sums[0] = lengths[i];
-      p.members[0].push_back(i);
-      pool.push_back(std::move(p));
-      heap.emplace(lengths[i], -i);
+      sums[i * k] = lengths[i];
+      head[i * k] = tail[i * k] = i;
+      heap.emplace(lengths[i], -i, i);
     }
-    std::vector<int64_t> by_sum(k);
+    std::vector<int64_t> merged_sum(k), merged_head(k), merged_tail(k), by_sum(k);
+    int64_t id = n;
     while (heap.size() > 1) {
-      Partition a = std::move(pool[-std::get<1>(heap.top())]);
+      const int64_t slot = std::get<2>(heap.top());
+      const int64_t a = slot * k;
       heap.pop();
-      Partition b = std::move(pool[-std::get<1>(heap.top())]);
+      const int64_t b = std::get<2>(heap.top()) * k;
       heap.pop();
-      // Pair the largest subset of one with the smallest of the other.
-      Partition merged{std::vector<int64_t>(k), std::vector<std::vector<int64_t>>(k)};
-      for (int64_t j = 0; j < k; ++j) {
-        auto& big = a.members[j];
-        auto& small = b.members[k - 1 - j];
-        if (big.size() < small.size()) big.swap(small);
-        big.insert(big.end(), small.begin(), small.end());
-        merged.sums[j] = a.sums[j] + b.sums[k - 1 - j];
-        merged.members[j] = std::move(big);
+      for (int64_t j = 0; j < k; ++j) {  // the largest subset of one with the smallest of the other
+        const int64_t x = a + j, y = b + k - 1 - j;
+        merged_sum[j] = sums[x] + sums[y];
+        if (head[x] < 0) {
+          merged_head[j] = head[y], merged_tail[j] = tail[y];
+        } else {
+          if (head[y] >= 0) next[tail[x]] = head[y];
+          merged_head[j] = head[x], merged_tail[j] = head[y] >= 0 ? tail[y] : tail[x];
+        }
       }
       std::iota(by_sum.begin(), by_sum.end(), 0);
       std::stable_sort(by_sum.begin(), by_sum.end(),
-                       [&](int64_t x, int64_t y) { return merged.sums[x] > merged.sums[y]; });
-      Partition sorted{std::vector<int64_t>(k), std::vector<std::vector<int64_t>>(k)};
+                       [&](int64_t x, int64_t y) { return merged_sum[x] > merged_sum[y]; });
+      const int64_t c = a;
       for (int64_t j = 0; j < k; ++j) {
-        sorted.sums[j] = merged.sums[by_sum[j]];
-        sorted.members[j] = std::move(merged.members[by_sum[j]]);
+        sums[c + j] = merged_sum[by_sum[j]];
+        head[c + j] = merged_head[by_sum[j]];
+        tail[c + j] = merged_tail[by_sum[j]];
       }
-      const int64_t id = static_cast<int64_t>(pool.size());
-      heap.emplace(sorted.sums[0] - sorted.sums[k - 1], -id);
-      pool.push_back(std::move(sorted));
+      heap.emplace(sums[c] - sums[c + k - 1], -id, slot);
+      ++id;
     }
-    parts = std::move(pool[-std::get<1>(heap.top())].members);
-    for (auto& part : parts) std::sort(part.begin(), part.end());
+    const int64_t last = std::get<2>(heap.top()) * k;
+    for (int64_t j = 0; j < k; ++j) {
+      for (int64_t i = head[last + j]; i >= 0; i = next[i]) parts[j].push_back(i);
+      std::sort(parts[j].begin(), parts[j].end());
+    }
   }
   return to_py(parts);
 }
