@@ -1,9 +1,10 @@
 """A small byte-level BPE tokenizer built in code, with a ChatML/Qwen2.5-style tool chat template.
 
-Why byte-level BPE with Qwen2's normaliser and pre-tokenizer: every ASCII string (JSON, numbers, error messages, other call syntaxes) encodes and
-decodes exactly, with no unknown token. The merges are written by hand from a word list (tool
-names, JSON keys, template words, a few English words), so common words are single tokens and
-the vocabulary stays small (~1k). Digits are always split one per token, which suits arithmetic.
+Why byte-level BPE: every ASCII string (JSON, numbers, error messages, other call syntaxes)
+encodes and decodes exactly, with no unknown token. The normaliser and pre-tokenizer are Qwen2's,
+because AutoTokenizer rebuilds a `qwen2` model's tokenizer with them. The merges are written by
+hand from a word list (tool names, JSON keys, template words, a few English words), so common
+words are single tokens and the vocabulary stays small (~1.4k). Digits are always split one per token, which suits arithmetic.
 
 Control tokens are added tokens (one id each, never split by BPE). `<|im_start|>`, `<|im_end|>`
 and `<|endoftext|>` are marked special; the tool/answer tags are not, as in Qwen2.5: a decode with
