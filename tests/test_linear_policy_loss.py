@@ -84,6 +84,24 @@ def test_loss_and_gradients_match_reference(backend, name, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_on_policy_rows_mix_with_off_policy_rows(backend, gen):
+    b = make_batch(gen)
+    onp = (torch.rand(48, generator=gen) < 0.4).to(DEVICE)
+    b["old"][onp] = float("nan")       # on-policy rows need no behaviour log-probs
+    cfg = PolicyLossConfig(eps_high=0.28, kl_coef=0.1)
+    xr, wr = b["x"].double().requires_grad_(), b["w"].double().requires_grad_()
+    ref = reference_policy_loss(xr, wr, b["y"], b["kinds"], b["adv"], b["old"], b["ref"], on_policy_rows=onp,
+                                **reference_kwargs(cfg))
+    ref.backward()
+    out, gx, gw = run(b, cfg, backend, on_policy_rows=onp)
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx.double(), xr.grad, rtol=1e-4, atol=1e-5 * xr.grad.abs().max().item())
+    assert torch.isfinite(out.metrics["logprob_gap_mean"])
+    with pytest.raises(ValueError, match="old_logprobs"):
+        run(b, cfg, backend)             # the NaNs are an error where rows are off-policy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_on_policy_ratio_is_one_and_detached(backend, gen):
     b = make_batch(gen)
     b["kinds"][:] = TokenKind.RL

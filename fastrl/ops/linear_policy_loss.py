@@ -86,9 +86,11 @@ class PolicyLossOutput(NamedTuple):
     entropy: torch.Tensor     # [N] fp32 (0 at IGNORE rows)
 
 
-def token_losses(logp, entropy, kinds, advantages, old_logprobs, ref_logprobs, cfg: PolicyLossConfig):
+def token_losses(logp, entropy, kinds, advantages, old_logprobs, ref_logprobs, cfg: PolicyLossConfig,
+                 on_policy_rows=None):
     """Per-token loss_t (before aggregation weights) and the RL clip mask. Differentiable in
-    logp and entropy; everything else is data."""
+    logp and entropy; everything else is data. `on_policy_rows` (bool) marks RL rows whose ratio
+    is 1 (old = logp, detached) whatever old_logprobs says."""
     loss = torch.zeros_like(logp)
     clipped = torch.zeros_like(logp, dtype=torch.bool)
     kl = torch.zeros_like(logp)
@@ -98,6 +100,8 @@ def token_losses(logp, entropy, kinds, advantages, old_logprobs, ref_logprobs, c
         lp = logp[rl]
         adv = advantages[rl].float()
         old = lp.detach() if old_logprobs is None else old_logprobs[rl].float()
+        if old_logprobs is not None and on_policy_rows is not None:
+            old = torch.where(on_policy_rows[rl], lp.detach(), old)
         ratio = torch.exp(lp - old)
         unclipped = -adv * ratio
         clipped_obj = -adv * torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
@@ -184,11 +188,14 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        ref_logprobs: torch.Tensor | None = None, control_ids=None,
                        config: PolicyLossConfig | None = None, seq_ids: torch.Tensor | None = None,
                        num_tokens: int | None = None, num_sequences: int | None = None,
+                       on_policy_rows: torch.Tensor | None = None,
                        backend: str = "auto") -> PolicyLossOutput:
     """Loss of one packed micro-batch (see module docstring) with its gradient formed in place.
 
     num_tokens / num_sequences: the global normalisers of "token_mean" / "seq_mean" (default: the
-    counts in this call). old_logprobs=None means on-policy (ratio 1, detached).
+    counts in this call). old_logprobs=None means on-policy (ratio 1, detached); `on_policy_rows`
+    (bool [N]) makes chosen rows on-policy while the others use old_logprobs (e.g. an expert
+    trajectory that replaced a rollout of its group has no behaviour log-probs).
     """
     cfg = config or PolicyLossConfig()
     cfg.validate()
@@ -210,9 +217,13 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     _check_per_token("old_logprobs", old_logprobs, n, device, required=False)
     _check_per_token("ref_logprobs", ref_logprobs, n, device, required=has_rl and cfg.kl_coef != 0)
     _check_per_token("seq_ids", seq_ids, n, device, required=cfg.aggregation == "seq_mean")
-    for name, t in (("advantages", advantages), ("old_logprobs", old_logprobs),
-                    ("ref_logprobs", ref_logprobs)):
-        _check_finite_at(name, t, rl_mask)
+    _check_per_token("on_policy_rows", on_policy_rows, n, device, required=False)
+    if on_policy_rows is not None and on_policy_rows.dtype != torch.bool:
+        raise ValueError(f"on_policy_rows must be a bool tensor, got {on_policy_rows.dtype}")
+    off_policy_rl = rl_mask if on_policy_rows is None else rl_mask & ~on_policy_rows
+    _check_finite_at("advantages", advantages, rl_mask)
+    _check_finite_at("old_logprobs", old_logprobs, off_policy_rl)
+    _check_finite_at("ref_logprobs", ref_logprobs, rl_mask if cfg.kl_coef else torch.zeros_like(rl_mask))
     for name, value in (("num_tokens", num_tokens), ("num_sequences", num_sequences)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive int (the global count), got {value!r}")
@@ -235,6 +246,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     sel = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
     kinds_a, adv_a, old_a, ref_a, w_a = (sel(kinds), sel(advantages), sel(old_logprobs),
                                           sel(ref_logprobs), weights.index_select(0, idx))
+    onp_a = sel(on_policy_rows)
 
     logp_a = torch.zeros(n_act, device=device)
     ent_a = torch.zeros(n_act, device=device)
@@ -262,7 +274,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
             per_token, clipped, kl = token_losses(
                 logp, entropy, kinds_a[start:end], None if adv_a is None else adv_a[start:end],
                 None if old_a is None else old_a[start:end], None if ref_a is None else ref_a[start:end],
-                cfg)
+                cfg, None if onp_a is None else onp_a[start:end])
             chunk_loss = (w_a[start:end] * per_token).sum()
             if need_dx or need_dw:
                 g_y, g_h = torch.autograd.grad(chunk_loss, [logp, entropy], allow_unused=True)
@@ -289,7 +301,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
     logprobs = torch.zeros(n, device=device).index_copy_(0, idx, logp_a)
     entropy_full = torch.zeros(n, device=device).index_copy_(0, idx, ent_a)
-    metrics = _metrics(kinds_a, y_all, logp_a, ent_a, ctrl_a, clip_a, kl_a, old_a, control, cfg)
+    gap_old = old_a if (old_a is None or onp_a is None) else torch.where(onp_a, logp_a, old_a)
+    metrics = _metrics(kinds_a, y_all, logp_a, ent_a, ctrl_a, clip_a, kl_a, gap_old, control, cfg)
     return PolicyLossOutput(loss, metrics, logprobs, entropy_full)
 
 

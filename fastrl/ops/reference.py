@@ -29,7 +29,8 @@ def reference_policy_loss(hidden, weight, targets, kinds, advantages=None, old_l
                           ref_logprobs=None, seq_ids=None, num_tokens=None, num_sequences=None, *,
                           eps_low=0.2, eps_high=0.2, dual_clip=None, kl_coef=0.0, kl_estimator="k3",
                           entropy_coef=0.0, sft_weight=1.0, unlikelihood_weight=1.0,
-                          aggregation="token_mean", loss_constant=None, temperature=1.0):
+                          aggregation="token_mean", loss_constant=None, temperature=1.0,
+                          on_policy_rows=None):
     """The scalar loss, token by token, over materialised logits; differentiable."""
     z = (hidden @ weight.T) / temperature
     log_p = torch.log_softmax(z, dim=-1)
@@ -46,7 +47,8 @@ def reference_policy_loss(hidden, weight, targets, kinds, advantages=None, old_l
         if kind == TokenKind.RL:
             entropy = -(log_p[t].exp() * log_p[t]).sum()
             adv = float(advantages[t])
-            old = logp.detach() if old_logprobs is None else float(old_logprobs[t])
+            on_policy = old_logprobs is None or (on_policy_rows is not None and bool(on_policy_rows[t]))
+            old = logp.detach() if on_policy else float(old_logprobs[t])
             ratio = torch.exp(logp - old)
             surrogate = min(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
             term = -surrogate

@@ -77,12 +77,15 @@ def _combine(metrics_list: list[dict], weights: list[float]) -> dict:
 
 def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConfig, control_ids,
                   micro_batch_tokens: int, grad_clip: float | None = 1.0, old_logprobs: str = "rollout",
-                  ref_model=None, lr: float | None = None, backend: str = "auto") -> UpdateResult:
+                  ref_model=None, lr: float | None = None, on_policy: list[bool] | None = None,
+                  backend: str = "auto") -> UpdateResult:
     """Forward/backward over all micro-batches of `trajectories`, then one optimizer step.
 
     old_logprobs: "rollout" (the engine's sampling log-probs are the behaviour policy) or
     "on_policy" (ratio 1, detached). `lr` overrides the optimizer's learning rate for this step
-    (e.g. an SFT phase with its own rate). With torch.distributed initialised, each rank passes
+    (e.g. an SFT phase with its own rate). `on_policy[i]` trains trajectory i's RL tokens with
+    ratio 1 (an expert that replaced a rollout, or a hinted sample without importance
+    correction). With torch.distributed initialised, each rank passes
     its own trajectories; counts and gradients are summed over ranks.
     """
     if old_logprobs not in ("rollout", "on_policy"):
@@ -94,6 +97,9 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
     head = model.get_output_embeddings().weight
     t0 = time.perf_counter()
 
+    if on_policy is not None and len(on_policy) != len(trajectories):
+        raise ValueError(f"on_policy has {len(on_policy)} flags for {len(trajectories)} trajectories")
+    flags = torch.tensor([bool(f) for f in on_policy] if on_policy is not None else [], dtype=torch.bool)
     batches = pack_micro_batches(SequenceStore.from_trajectories(trajectories), micro_batch_tokens, vocab)
     local_tokens = sum(int((b.kinds != TokenKind.IGNORE).sum()) for b in batches)
     local_seqs = sum(len(set(b.seq_index[b.kinds != TokenKind.IGNORE].tolist())) for b in batches)
@@ -124,6 +130,8 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
             old_logprobs=t["logprobs"][rows] if old_logprobs == "rollout" else None,
             ref_logprobs=ref_lp, control_ids=control_ids, config=loss_config,
             seq_ids=t["seq_index"][rows], num_tokens=global_tokens, num_sequences=global_seqs,
+            on_policy_rows=(flags[t["sequences"].cpu()[t["seq_index"][rows].cpu().long()]].to(device)
+                            if on_policy is not None else None),
             backend=backend)
         out.loss.backward()
         loss_total += float(out.loss)
