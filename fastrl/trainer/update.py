@@ -134,7 +134,7 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
                             if on_policy is not None else None),
             backend=backend)
         out.loss.backward()
-        loss_total += float(out.loss)
+        loss_total += float(out.loss.detach())
         metrics_list.append(out.metrics)
         weights.append(float(rows.numel()))
     t1 = time.perf_counter()

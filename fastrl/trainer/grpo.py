@@ -1,0 +1,465 @@
+"""The GRPO recipe with supervisory signals, read top to bottom.
+
+    setup: model + tokenizer, environment + tasks, rollout engine, optimizer + schedule,
+           collapse monitor, metrics log; resume from the latest checkpoint if asked
+    SFT warm-up (optional): expert trajectories of training tasks
+    per RL step:
+        rollout (G per task; h hinted; k replaced by the expert)       fastrl.rollout
+        rewards -> group advantages                                    fastrl.trainer.advantages
+        supervision: expert SFT (OPS), erroneous tasks' SFT (ETS), unlikelihood on malformed turns
+        one packed forward per micro-batch -> fused loss -> step       fastrl.trainer.update
+        weight sync to the engine
+        interleaved scheme: every k steps, m SFT steps on the same model and optimizer
+        monitor: collapse warning -> (stabilize) raise SFT, SFT phase, roll back with lower LR
+        metrics line, checkpoint
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastrl.config import save_config
+from fastrl.data.trajectory import Role
+from fastrl.ops import TokenKind
+from fastrl.rollout import SamplingConfig, check_versions, expert_trajectory, generate_episodes, make_engine
+from fastrl.trainer.advantages import group_advantages
+from fastrl.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastrl.trainer.config import TrainConfig
+from fastrl.trainer.metrics_log import MetricsLogger
+from fastrl.trainer.monitor import CollapseMonitor
+from fastrl.trainer.update import policy_update
+
+
+# ----------------------------------------------------------------------------------- setup
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_model_path(cfg: TrainConfig) -> str:
+    """The user's model dir, or the tiny model built (once) inside the run dir."""
+    if cfg.model.path:
+        return cfg.model.path
+    from fastrl.models import build_tiny_model
+
+    path = Path(cfg.run_dir) / "base_model"
+    if not (path / "config.json").is_file():
+        build_tiny_model(path, hidden_size=cfg.model.tiny_hidden_size, num_layers=cfg.model.tiny_layers,
+                         seed=cfg.model.tiny_seed)
+    return str(path)
+
+
+def load_policy(model_path: str, cfg: TrainConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = getattr(torch, cfg.model.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.model.liger_kernels and device == "cuda":
+        try:
+            import liger_kernel.transformers as liger
+        except ImportError as e:
+            raise RuntimeError("model.liger_kernels=true needs liger-kernel installed (pip install "
+                               "'fastrl[gpu]')") from e
+        apply = getattr(liger, f"apply_liger_kernel_to_{_model_type(model_path)}", None)
+        if apply is None:
+            raise RuntimeError(f"liger-kernel has no kernels for model type {_model_type(model_path)!r}")
+        # Layer kernels only: the LM head and loss are fastrl's own fused ops.
+        apply(rms_norm=True, rope=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
+                                                 attn_implementation=cfg.model.attn_implementation).to(device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return model, tokenizer
+
+
+def _model_type(model_path: str) -> str:
+    import json
+
+    return json.loads((Path(model_path) / "config.json").read_text())["model_type"]
+
+
+def make_env(cfg: TrainConfig):
+    """(env, tasks(split, n, seed)) for the configured environment."""
+    from fastrl.envs import RewardWeights
+
+    weights = RewardWeights(format=cfg.env.format_weight, correct=cfg.env.correct_weight)
+    if cfg.env.name == "synthetic":
+        from fastrl.envs import SyntheticConfig, SyntheticEnv, make_tasks
+
+        env = SyntheticEnv(SyntheticConfig(weights=weights))   # rollout.max_turns caps sampled episodes
+        return env, lambda split, n, seed: make_tasks(split, n, seed=seed, difficulty=cfg.env.difficulty)
+    from fastrl.envs import bfcl
+
+    env = bfcl.BfclEnv(bfcl.BfclConfig(weights=weights))
+
+    def tasks(split, n, seed):
+        cats = cfg.env.bfcl_categories if split == "train" else [split]
+        items = bfcl.load_tasks(tuple(cats))
+        random.Random(seed).shuffle(items)
+        return items[:n]
+
+    return env, tasks
+
+
+def control_ids_of(tokenizer) -> list[int]:
+    from fastrl.models import control_token_ids
+
+    return sorted(set(control_token_ids(tokenizer).values()))
+
+
+def make_scheduler(optimizer, cfg: TrainConfig):
+    warm, total = cfg.optim.warmup_steps, max(cfg.steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.optim.schedule == "cosine":
+            progress = (step - warm) / max(total - warm, 1)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def sampling_for(cfg: TrainConfig, step: int, *, n=None, hinted=0, greedy=False) -> SamplingConfig:
+    r = cfg.rollout
+    return SamplingConfig(n=r.group_size if n is None else n, temperature=0.0 if greedy else r.temperature,
+                          top_p=1.0 if greedy else r.top_p, max_new_tokens=r.max_new_tokens,
+                          max_turns=r.max_turns, max_total_tokens=r.max_total_tokens,
+                          seed=cfg.seed * 1_000_003 + step, num_hinted=hinted)
+
+
+# ------------------------------------------------------------------------- supervision
+def mark_malformed_control_tokens(traj, control_ids) -> int:
+    """ETS unlikelihood: in assistant turns the env judged malformed, control tokens other than
+    the end-of-turn token become UNLIKELIHOOD tokens. Returns how many were marked."""
+    turn_ok = [info.get("format_ok", True) for info in getattr(traj, "turn_infos", [])]
+    eot = traj.segments[-1].token_ids[-1] if traj.segments else None
+    marked, turn = 0, 0
+    control = np.asarray(control_ids)
+    for seg in traj.segments:
+        if seg.role is not Role.ASSISTANT:
+            continue
+        if turn < len(turn_ok) and not turn_ok[turn]:
+            kinds = np.full(len(seg), int(TokenKind.RL), np.int8) if seg.kinds is None else seg.kinds.copy()
+            hits = np.isin(seg.token_ids, control) & (seg.token_ids != eot)
+            hits[-1] = False                      # the turn's own closing token stays RL
+            kinds[hits] = TokenKind.UNLIKELIHOOD
+            seg.kinds = kinds
+            marked += int(hits.sum())
+        turn += 1
+    return marked
+
+
+class SupervisionState:
+    """Which tasks failed recently (ETS) and the live supervision settings the monitor can raise."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.failed_at: dict[str, int] = {}       # task id -> last step it failed
+        self.sft_weight = cfg.supervision.sft_weight
+        self.pending_sft_steps = 0                # SFT steps scheduled by the monitor
+        self.rollbacks = 0
+        self.lr_scale = 1.0
+
+    def record(self, step: int, trajectories) -> None:
+        for t in trajectories:
+            if t.reward_info.get("correct", 0.0) < 1.0 or t.format_error:
+                self.failed_at[t.task_id] = step
+
+    def erroneous(self, step: int, window: int) -> list[str]:
+        recent = [(s, tid) for tid, s in self.failed_at.items() if step - s < window]
+        return [tid for _, tid in sorted(recent, reverse=True)]
+
+    def state_dict(self) -> dict:
+        return {"failed_at": dict(self.failed_at), "sft_weight": self.sft_weight,
+                "pending_sft_steps": self.pending_sft_steps, "rollbacks": self.rollbacks,
+                "lr_scale": self.lr_scale}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.failed_at = {k: int(v) for k, v in s["failed_at"].items()}
+        self.sft_weight, self.pending_sft_steps = s["sft_weight"], s["pending_sft_steps"]
+        self.rollbacks, self.lr_scale = s["rollbacks"], s["lr_scale"]
+
+
+# ------------------------------------------------------------------------------ evaluate
+def evaluate(engine, env, tasks, cfg: TrainConfig) -> dict:
+    """Greedy single rollouts: success (correct answer), format-error rate, mean reward."""
+    if not tasks:
+        return {"success": float("nan"), "format_error_rate": float("nan"), "reward": float("nan"), "n": 0}
+    trajs = generate_episodes(engine, env, tasks, sampling_for(cfg, 0, n=1, greedy=True))
+    return {"success": float(np.mean([t.reward_info.get("correct", 0.0) for t in trajs])),
+            "format_error_rate": float(np.mean([t.format_error for t in trajs])),
+            "reward": float(np.mean([t.reward for t in trajs])), "n": len(trajs)}
+
+
+# ---------------------------------------------------------------------------------- train
+SFT_TASK_STREAM = 10_000_000
+
+
+class Trainer:
+    """Holds the run's objects; `run()` is the loop. Built by `Trainer(cfg)`; the pieces are plain
+    attributes so a notebook can poke at them."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        seed_everything(cfg.seed)
+        self.model_path = prepare_model_path(cfg)
+        self.model, self.tokenizer = load_policy(self.model_path, cfg)
+        self.control_ids = control_ids_of(self.tokenizer)
+        self.env, self.make_tasks = make_env(cfg)
+        self.train_tasks = self.make_tasks("train", cfg.env.train_tasks, cfg.seed)
+        self.by_id = {str(t.id): t for t in self.train_tasks}
+        self.ref_model = None
+        if cfg.loss.kl_coef:
+            self.ref_model, _ = load_policy(self.model_path, cfg)
+            self.ref_model.requires_grad_(False).eval()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
+                                           betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.monitor = CollapseMonitor(cfg.monitor)
+        self.supervision = SupervisionState(cfg)
+        self.step = 0                 # RL steps done
+        self.sft_done = 0             # warm-up SFT steps done
+        self.skipped_steps = 0
+        self.healthy_checkpoint: str | None = None
+        self.version = 0              # weight version of the engine; bumped at every sync
+        self.resumed_from = None
+        if resume:
+            ckpt = latest_checkpoint(self.run_dir)
+            if ckpt is not None:
+                extra = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+                self._load_extra(extra)
+                self.resumed_from = self.step
+        engine_opts = {}
+        kind = cfg.rollout.engine
+        if kind in ("vllm", "auto") and torch.cuda.is_available():
+            engine_opts = dict(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                               tensor_parallel_size=cfg.rollout.tensor_parallel_size)
+        self.engine = make_engine(kind, self.model_path, **engine_opts)
+        self.engine.update_weights(self.model.state_dict(), self.version)
+        self.log = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, progress=cfg.progress,
+                                 total_steps=cfg.steps, resume_from_step=self.resumed_from)
+
+    # -- checkpoint state
+    def _extra(self) -> dict:
+        return {"step": self.step, "sft_done": self.sft_done, "skipped_steps": self.skipped_steps,
+                "version": self.version,
+                "monitor": self.monitor.state_dict(), "supervision": self.supervision.state_dict(),
+                "healthy_checkpoint": self.healthy_checkpoint}
+
+    def _load_extra(self, e: dict) -> None:
+        self.step, self.sft_done, self.skipped_steps = e["step"], e["sft_done"], e["skipped_steps"]
+        self.version = e["version"]
+        self.monitor.load_state_dict(e["monitor"])
+        self.supervision.load_state_dict(e["supervision"])
+        self.healthy_checkpoint = e["healthy_checkpoint"]
+
+    def _sync(self) -> float:
+        t = time.perf_counter()
+        self.version += 1
+        self.engine.update_weights(self.model.state_dict(), self.version)
+        return time.perf_counter() - t
+
+    def _tasks_for_step(self, step: int) -> list:
+        """A seeded permutation per epoch, so the task stream is a function of the step (resumable)."""
+        n, per = len(self.train_tasks), self.cfg.rollout.tasks_per_step
+        out = []
+        for i in range(step * per, (step + 1) * per):
+            epoch, pos = divmod(i, n)
+            perm = np.random.default_rng(self.cfg.seed * 7919 + epoch).permutation(n)
+            out.append(self.train_tasks[perm[pos]])
+        return out
+
+    def _experts(self, tasks) -> list:
+        return [expert_trajectory(self.env, t, self.tokenizer, score=False) for t in tasks]
+
+    def _sft_step(self, tasks, lr: float) -> object:
+        loss_cfg = dataclasses.replace(self.cfg.loss, sft_weight=1.0)
+        return policy_update(self.model, self._experts(tasks), optimizer=self.optimizer, loss_config=loss_cfg,
+                             control_ids=self.control_ids, micro_batch_tokens=self.cfg.optim.micro_batch_tokens,
+                             grad_clip=self.cfg.optim.grad_clip, lr=lr)
+
+    # -- phases
+    def sft_warmup(self) -> None:
+        cfg = self.cfg
+        if self.sft_done >= cfg.sft_warmup_steps:
+            return
+        while self.sft_done < cfg.sft_warmup_steps:
+            # Its own stretch of the seeded task stream, far from the RL steps'.
+            tasks = self._tasks_for_step(SFT_TASK_STREAM + self.sft_done)
+            r = self._sft_step(tasks, cfg.sft_warmup_lr)
+            self.sft_done += 1
+            self.log.event(0, "sft_warmup", f"SFT warm-up step {self.sft_done}: loss {r.loss:.4f}",
+                           loss=r.loss)
+        self._sync()
+
+    def rl_step(self) -> dict:
+        cfg, sup = self.cfg, self.cfg.supervision
+        step = self.step
+        timings = {}
+        tasks = self._tasks_for_step(step)
+
+        t0 = time.perf_counter()
+        trajs = generate_episodes(self.engine, self.env, tasks,
+                                  sampling_for(cfg, step, hinted=sup.hbg_hinted))
+        check_versions(trajs, self.version)
+        timings["time_rollout"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        on_policy = [t.sampled_with_hint and not sup.hbg_importance for t in trajs]
+        rollout_stats = {
+            "reward_mean": float(np.mean([t.reward for t in trajs])),
+            "success_rate": float(np.mean([t.reward_info.get("correct", 0.0) for t in trajs])),
+            "format_error_rate": float(np.mean([t.format_error for t in trajs])),
+            "truncated_rate": float(np.mean([t.truncated for t in trajs])),
+            "response_tokens_mean": float(np.mean([sum(len(s) for s in t.segments if s.role is Role.ASSISTANT)
+                                                   for t in trajs])),
+        }
+        self.supervision.record(step, trajs)
+        if sup.ops_replace:    # OPS: the last k rollouts of each group become the expert trajectory
+            G = cfg.rollout.group_size
+            for gi, task in enumerate(tasks):
+                for k in range(G - sup.ops_replace, G):
+                    e = expert_trajectory(self.env, task, self.tokenizer, score=True)
+                    e.is_expert, e.group_id = False, gi   # trained as RL rows with ratio 1
+                    trajs[gi * G + k], on_policy[gi * G + k] = e, True
+        rewards = [t.reward for t in trajs]
+        adv = group_advantages(rewards, [t.group_id for t in trajs], std_normalize=cfg.optim.std_normalize)
+        for t, a in zip(trajs, adv):
+            t.advantage = float(a)
+        marked = 0
+        if sup.unlikelihood_weight:
+            for t in trajs:
+                if t.format_error and hasattr(t, "turn_infos"):
+                    marked += mark_malformed_control_tokens(t, self.control_ids)
+        supervised = []
+        if sup.scheme == "sync" and self.supervision.sft_weight > 0:
+            if sup.ops_expert_sft:
+                supervised += self._experts(tasks)
+            if sup.ets_window:
+                ids = [i for i in self.supervision.erroneous(step, sup.ets_window) if i in self.by_id]
+                supervised += self._experts([self.by_id[i] for i in ids[: sup.ets_max_tasks]])
+        timings["time_reward_supervision"] = time.perf_counter() - t0
+
+        loss_cfg = dataclasses.replace(cfg.loss, sft_weight=self.supervision.sft_weight or cfg.loss.sft_weight,
+                                       unlikelihood_weight=sup.unlikelihood_weight or cfg.loss.unlikelihood_weight)
+        result = policy_update(self.model, trajs + supervised, optimizer=self.optimizer, loss_config=loss_cfg,
+                               control_ids=self.control_ids, micro_batch_tokens=cfg.optim.micro_batch_tokens,
+                               grad_clip=cfg.optim.grad_clip, old_logprobs=cfg.optim.old_logprobs,
+                               ref_model=self.ref_model, on_policy=on_policy + [False] * len(supervised))
+        timings["time_forward_backward"] = result.seconds_forward_backward
+        timings["time_optimizer"] = result.seconds_optimizer
+        if result.skipped:
+            self.skipped_steps += 1
+        else:
+            self.scheduler.step()
+        timings["time_sync"] = self._sync()
+
+        sft_phase = 0
+        if sup.scheme == "interleaved" and (step + 1) % sup.interleave_every == 0:
+            sft_phase += sup.interleave_steps
+        sft_phase += self.supervision.pending_sft_steps
+        self.supervision.pending_sft_steps = 0
+        if sft_phase:
+            t0 = time.perf_counter()
+            ids = self.supervision.erroneous(step + 1, max(sup.ets_window, sup.interleave_every, 1))
+            pool = [self.by_id[i] for i in ids if i in self.by_id][: max(sup.ets_max_tasks, 1)] or tasks
+            lr = (sup.sft_lr or cfg.optim.lr) * self.supervision.lr_scale
+            for _ in range(sft_phase):
+                self._sft_step(pool, lr)
+            timings["time_sft_phase"] = time.perf_counter() - t0 + self._sync()
+
+        metrics = {**rollout_stats, **result.metrics, **timings, "loss": result.loss, "grad_norm": result.grad_norm,
+                   "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped_steps,
+                   "forward_passes": result.forward_passes, "ref_forward_passes": result.ref_forward_passes,
+                   "supervised_trajectories": len(supervised), "unlikelihood_tokens": marked,
+                   "sft_phase_steps": sft_phase, "sft_weight": self.supervision.sft_weight,
+                   "weight_version": self.version}
+        self.step += 1
+        return metrics
+
+    def act_on(self, step: int, metrics: dict) -> None:
+        """The collapse monitor's verdict and, under `stabilize`, what the trainer does about it."""
+        cfg, mon = self.cfg, self.cfg.monitor
+        verdict = self.monitor.update(metrics)
+        metrics["collapse_warning"] = float(verdict.warning)
+        if not verdict.warning:
+            return
+        self.log.event(step, "warning", "collapse_warning: " + "; ".join(verdict.reasons), reasons=verdict.reasons)
+        if mon.policy != "stabilize":
+            return
+        if self.supervision.sft_weight < mon.sft_weight_on_warning:
+            self.supervision.sft_weight = mon.sft_weight_on_warning
+            self.log.event(step, "action", f"synchronous SFT weight raised to {mon.sft_weight_on_warning}",
+                           reason=verdict.reasons[0])
+        if mon.interleave_sft_steps:
+            self.supervision.pending_sft_steps += mon.interleave_sft_steps
+            self.log.event(step, "action", f"{mon.interleave_sft_steps} SFT steps on erroneous tasks scheduled",
+                           reason=verdict.reasons[0])
+        if verdict.severe and self.supervision.rollbacks < mon.max_rollbacks:
+            if self.healthy_checkpoint and Path(self.healthy_checkpoint).is_dir():
+                self.rollback(step, verdict.reasons[0])
+            else:
+                self.log.event(step, "action", "rollback wanted but no healthy checkpoint is kept",
+                               reason=verdict.reasons[0])
+
+    def rollback(self, step: int, reason: str) -> None:
+        mon = self.cfg.monitor
+        keep = self.supervision.state_dict()
+        ckpt = self.healthy_checkpoint
+        load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        restore_rng=False)
+        self.supervision.load_state_dict(keep)       # supervision settings survive the rollback
+        self.supervision.rollbacks += 1
+        self.supervision.lr_scale *= mon.rollback_lr_factor
+        self.scheduler.base_lrs = [self.cfg.optim.lr * self.supervision.lr_scale for _ in self.scheduler.base_lrs]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["lr"] = base * factor
+        self._sync()
+        self.log.event(step, "action", f"rolled back to {Path(ckpt).name} with LR x{self.supervision.lr_scale:g}",
+                       reason=reason)
+
+    def checkpoint(self, healthy: bool) -> None:
+        path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, extra_state=self._extra(), keep_last=self.cfg.keep_last)
+        if healthy:
+            self.healthy_checkpoint = str(path)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        self.sft_warmup()
+        while self.step < cfg.steps:
+            step = self.step + 1                      # 1-based in logs
+            metrics = self.rl_step()
+            self.act_on(step, metrics)
+            self.log.log(step, metrics)
+            healthy = not metrics["collapse_warning"]
+            if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                self.checkpoint(healthy)
+        self.log.close()
+        return {"steps": self.step, "skipped_steps": self.skipped_steps,
+                "warnings": self.monitor.warnings, "seconds": time.perf_counter() - t_start}
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
