@@ -66,14 +66,15 @@ py::tuple turn_boundaries(const InArray<int8_t>& kinds_in, const InArray<int64_t
   {
     py::gil_scoped_release no_gil;
     for (int64_t s = 0; s < num_seqs; ++s) {
-      bool in_turn = false;
-      for (int64_t i = cu[s]; i < cu[s + 1]; ++i) {
-        const bool trained = kinds[i] != kIgnore;
-        if (trained && !in_turn) starts.push_back(i);
-        if (!trained && in_turn) ends.push_back(i);
-        in_turn = trained;
+      const int64_t end = cu[s + 1];  // a turn never continues into the next sequence
+      int64_t i = cu[s];
+      while (i < end) {  // two tight skip loops: runs are long, transitions rare
+        while (i < end && kinds[i] == kIgnore) ++i;
+        if (i == end) break;
+        starts.push_back(i);
+        while (i < end && kinds[i] != kIgnore) ++i;
+        ends.push_back(i);
       }
-      if (in_turn) ends.push_back(cu[s + 1]);  // a turn never continues into the next sequence
     }
   }
   py::array_t<int64_t> starts_out(starts.size()), ends_out(ends.size());
