@@ -1,0 +1,149 @@
+"""The GRPO recipe end to end on the tiny model: metrics, supervision in the one forward,
+interleaved SFT, monitor actions, exact resume after a SIGKILL."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fastrl.config import load_config
+from fastrl.trainer.checkpoint import latest_checkpoint
+from fastrl.trainer.config import TrainConfig
+from fastrl.trainer.grpo import Trainer
+from fastrl.trainer.metrics_log import read_events, read_metrics
+
+
+def tiny_config(run_dir, **over):
+    raw = {"run_dir": str(run_dir), "seed": 3, "steps": 2, "checkpoint_every": 1, "progress": False,
+           "model": {"tiny_hidden_size": 64},
+           "env": {"train_tasks": 16, "eval_tasks": 4, "difficulty": 1},
+           "rollout": {"engine": "hf", "tasks_per_step": 2, "group_size": 3, "max_new_tokens": 24, "max_turns": 2,
+                       "max_total_tokens": 1500},
+           "optim": {"lr": 1e-3, "micro_batch_tokens": 4096},
+           "supervision": {"sft_weight": 0.2, "ets_window": 2, "ops_replace": 1, "hbg_hinted": 1,
+                           "unlikelihood_weight": 0.1}}
+    for key, value in over.items():
+        node = raw
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return raw
+
+
+def test_recipe_runs_with_supervision_in_the_single_forward(tmp_path):
+    cfg = load_config(TrainConfig, tiny_config(tmp_path / "run"))
+    trainer = Trainer(cfg)
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    assert summary["steps"] == 2
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        # Expert SFT rows (OPS + ETS) rode along in the RL micro-batches: one forward each.
+        assert r["supervised_trajectories"] > 0 and r["tokens_sft"] > 0
+        assert r["forward_passes"] == r["micro_batches"]
+        assert r["ref_forward_passes"] == 0
+        for key in ("reward_mean", "success_rate", "format_error_rate", "intrusion_mean", "intrusion_max",
+                    "control_confidence_mean", "spike_count", "entropy_mean", "grad_norm", "lr", "loss",
+                    "time_rollout", "time_forward_backward", "time_optimizer", "time_sync", "logprob_gap_mean"):
+            assert key in r, key
+    # Rollout and trainer log-probs of the same tokens agree (same weights, fp32): the gap is small.
+    assert rows[0]["logprob_gap_mean"] < 1e-3
+    assert latest_checkpoint(tmp_path / "run") is not None
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_interleaved_scheme_and_stabilize_actions(tmp_path):
+    # A monitor that always fires (format errors of an untrained model) under `stabilize`.
+    cfg = load_config(TrainConfig, tiny_config(
+        tmp_path / "run", **{"supervision.scheme": "interleaved", "supervision.interleave_every": 1,
+                             "supervision.interleave_steps": 1, "supervision.sft_weight": 0.0,
+                             "monitor.policy": "stabilize", "monitor.max_format_error_rate": -1.0,
+                             "monitor.rollback_format_error_rate": -1.0}))
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    rows = read_metrics(tmp_path / "run")
+    events = read_events(tmp_path / "run")
+    kinds = [e["kind"] for e in events]
+    assert "warning" in kinds and "action" in kinds
+    messages = " ".join(e["message"] for e in events)
+    assert "SFT weight raised" in messages and "SFT steps on erroneous tasks" in messages
+    # Every step warned, so no checkpoint is healthy: the wanted rollback is logged, not done.
+    assert "rollback wanted but no healthy checkpoint" in messages
+    assert rows[0]["sft_phase_steps"] >= 1    # the interleaved phase ran after step 1
+    assert rows[1]["sft_weight"] == cfg.monitor.sft_weight_on_warning
+
+
+def test_severe_warning_rolls_back_to_the_healthy_checkpoint_with_lower_lr(tmp_path):
+    import torch
+
+    cfg = load_config(TrainConfig, tiny_config(tmp_path / "run", **{"monitor.policy": "stabilize"}))
+    trainer = Trainer(cfg)
+    try:
+        metrics = trainer.rl_step()
+        trainer.checkpoint(healthy=True)
+        saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        lr_before = trainer.optimizer.param_groups[0]["lr"]
+        trainer.rl_step()                          # the weights move on
+        assert any(not torch.equal(v, trainer.model.state_dict()[k]) for k, v in saved.items())
+        severe = dict(metrics, format_error_rate=0.9)
+        trainer.act_on(2, severe)
+        assert severe["collapse_warning"] == 1.0
+        for k, v in trainer.model.state_dict().items():
+            assert torch.equal(v, saved[k]), k
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr_before * cfg.monitor.rollback_lr_factor)
+        assert trainer.supervision.sft_weight == cfg.monitor.sft_weight_on_warning
+        # The engine serves the rolled-back weights.
+        assert trainer.engine.weight_version == trainer.version
+    finally:
+        trainer.close()
+    messages = [e["message"] for e in read_events(tmp_path / "run")]
+    assert any(m.startswith("rolled back to step_00000001") for m in messages)
+
+
+def _train_cmd(config_path, *extra):
+    return [sys.executable, "-m", "fastrl", "train", str(config_path), *extra]
+
+
+def _comparable(row):
+    return {k: v for k, v in row.items() if not k.startswith("time") and k != "seconds"}
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
+    steps = 3
+    full_cfg = tiny_config(tmp_path / "full", steps=steps, **{"supervision.ops_replace": 0})
+    cut_cfg = tiny_config(tmp_path / "cut", steps=steps, **{"supervision.ops_replace": 0})
+    for name, raw in (("full", full_cfg), ("cut", cut_cfg)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_train_cmd(tmp_path / "full.yaml"), check=True, env=env, timeout=600,
+                   stdout=subprocess.DEVNULL)
+
+    proc = subprocess.Popen(_train_cmd(tmp_path / "cut.yaml"), env=env, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    target = tmp_path / "cut" / "checkpoints" / "step_00000002"
+    while not (target / "COMPLETE").is_file():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    subprocess.run(_train_cmd(tmp_path / "cut.yaml", "--resume"), check=True, env=env, timeout=600,
+                   stdout=subprocess.DEVNULL)
+
+    full = read_metrics(tmp_path / "full")
+    cut = read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [r["step"] for r in full] == [1, 2, 3]
+    for a, b in zip(full, cut):
+        assert _comparable(a) == _comparable(b), a["step"]
