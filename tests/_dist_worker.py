@@ -1,0 +1,136 @@
+"""One policy_update step on this rank's share of a seeded global batch; used by test_distributed.
+
+    torchrun --nproc_per_node 2 tests/_dist_worker.py OUT_DIR SEED [fsdp]   (each rank its shard)
+    import _dist_worker; _dist_worker.run_step(SEED)                         (one process, whole batch)
+
+`fsdp` shards the model with FSDP2 (gloo) and runs the loop policy_update must run for a sharded
+model (forward_with_head, FSDP's summed reduce-scatter instead of an all-reduce).
+
+Everything random comes from SEED, so every process builds the same batch and the same initial
+model. Each rank saves what it saw and the parameters after the step to OUT_DIR/rank{R}.pt.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import transformers
+
+from fastrl.data import SequenceStore, Trajectory
+from fastrl.data.packed import pack_micro_batches
+from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss
+from fastrl.trainer.distributed import (cleanup, forward_with_head, full_state_dict, init_distributed, is_sharded,
+                                        shard_trajectories, wrap_model)
+from fastrl.trainer.update import policy_update
+
+VOCAB = 61
+CONTROL = [57, 58, 59]
+LR = 0.5
+GRAD_CLIP = 0.05         # small enough to clip: clipping must use the global gradient norm
+MICRO_BATCH_TOKENS = 48  # several micro-batches per rank
+
+
+def build_model(seed: int):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                                   attn_implementation="eager")
+    return transformers.Qwen2ForCausalLM(cfg).float()
+
+
+def build_batch(seed: int, n: int = 7):
+    """Trajectories of quite different lengths (so the balance matters), with RL, SFT (an expert)
+    and unlikelihood rows, and per-trajectory on-policy flags."""
+    rng = np.random.default_rng(seed + 1)
+    trajs, on_policy = [], []
+    for i in range(n):
+        expert = i == n - 1
+        t = Trajectory(is_expert=expert, task_id=f"task{i}", group_id=i // 3)
+        t.add_prompt(rng.integers(0, VOCAB, rng.integers(2, 12)))
+        for turn in range(rng.integers(1, 4)):
+            ids = rng.integers(0, VOCAB, rng.integers(1, 9))
+            ids[-1] = CONTROL[turn % len(CONTROL)]
+            kinds = None
+            if i == 0 and turn == 0:   # a malformed control token, trained away from
+                kinds = np.full(len(ids), int(TokenKind.RL), np.int8)
+                kinds[-1] = TokenKind.UNLIKELIHOOD
+            t.add_assistant(ids, None if expert else rng.normal(-3.0, 0.7, len(ids)), kinds=kinds)
+            t.add_observation(rng.integers(0, VOCAB, rng.integers(1, 6)))
+        t.advantage = float(rng.normal())
+        trajs.append(t)
+        on_policy.append(bool(i % 4 == 1))
+    return trajs, on_policy
+
+
+def run_step(seed: int, info=None) -> dict:
+    """One SGD step of policy_update; with `info` from torchrun, on this rank's shard only."""
+    trajs, on_policy = build_batch(seed)
+    model = build_model(seed)
+    indices = list(range(len(trajs)))
+    plans = None
+    if info is not None and info.enabled:
+        # Every rank computes the whole plan so the test can check the ranks agree.
+        plans = [shard_trajectories(trajs, r, info.world_size)[1] for r in range(info.world_size)]
+        trajs, indices = shard_trajectories(trajs, info.rank, info.world_size)
+        on_policy = [on_policy[i] for i in indices]
+        model = wrap_model(model, info)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    cfg = PolicyLossConfig(entropy_coef=0.01, sft_weight=0.5, unlikelihood_weight=0.3)
+    result = policy_update(model, trajs, optimizer=opt, loss_config=cfg, control_ids=CONTROL,
+                           micro_batch_tokens=MICRO_BATCH_TOKENS, grad_clip=GRAD_CLIP, on_policy=on_policy)
+    return {"loss": result.loss, "grad_norm": result.grad_norm, "skipped": result.skipped,
+            "loss_tokens": result.metrics["loss_tokens"], "indices": indices, "plans": plans,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def fsdp_step(seed: int, info=None) -> dict:
+    """Forward/backward of every micro-batch through `forward_with_head`, then one SGD step: with
+    `info` from torchrun on an FSDP2-sharded model and this rank's shard, else plainly on the whole
+    batch. Returns the loss, the global gradient norm and the full weights after the step."""
+    trajs, _ = build_batch(seed)
+    model = build_model(seed)
+    if info is not None and info.enabled:
+        trajs, _ = shard_trajectories(trajs, info.rank, info.world_size)
+        model = wrap_model(model, info, shard=True)
+        assert is_sharded(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    cfg = PolicyLossConfig(entropy_coef=0.01, sft_weight=0.5, unlikelihood_weight=0.3)
+    batches = pack_micro_batches(SequenceStore.from_trajectories(trajs), MICRO_BATCH_TOKENS, VOCAB)
+    counts = torch.tensor([sum(int((b.kinds != TokenKind.IGNORE).sum()) for b in batches),
+                           sum(len(set(b.seq_index[b.kinds != TokenKind.IGNORE].tolist())) for b in batches)],
+                          dtype=torch.float64)
+    loss = torch.zeros((), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(counts)     # the global normalisers
+    for b in batches:
+        t = b.to_torch("cpu")
+        rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0]
+        hidden, head = forward_with_head(model, t["input_ids"], t["position_ids"], t["cu_seqlens"])
+        out = linear_policy_loss(hidden[rows], head, t["target_ids"][rows], kinds=t["kinds"][rows],
+                                 advantages=t["advantages"][rows], old_logprobs=t["logprobs"][rows],
+                                 control_ids=CONTROL, config=cfg, seq_ids=t["seq_index"][rows],
+                                 num_tokens=int(counts[0]), num_sequences=int(counts[1]))
+        out.loss.backward()
+        loss += out.loss.detach().double()
+    if dist.is_initialized():
+        dist.all_reduce(loss)       # only the loss: FSDP already summed the gradients
+    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), GRAD_CLIP)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    opt.step()
+    return {"loss": float(loss), "grad_norm": float(norm), "rank0_only_keys": len(full_state_dict(model)),
+            "params": {k: v.detach().cpu().clone() for k, v in full_state_dict(model, rank0_only=False).items()}}
+
+
+def main(out_dir: str, seed: int, mode: str = "ddp") -> None:
+    info = init_distributed(timeout_s=60)
+    try:
+        out = (fsdp_step if mode == "fsdp" else run_step)(seed, info)
+        out["world_size"] = info.world_size
+        torch.save(out, Path(out_dir) / f"rank{info.rank}.pt")
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
