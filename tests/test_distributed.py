@@ -1,5 +1,5 @@
 """Data parallel: two gloo processes under torchrun, each on its balanced share of a global batch,
-end one policy_update step with the same loss and the same parameters as one process on the
+finish one policy_update step with the same loss and the same parameters as one process on the
 whole batch. Plus the sharding plan (every index once, balanced, the same on every rank)."""
 import itertools
 import os
