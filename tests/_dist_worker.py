@@ -20,15 +20,16 @@ import transformers
 from fastrl.data import SequenceStore, Trajectory
 from fastrl.data.packed import pack_micro_batches
 from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss
-from fastrl.trainer.distributed import (cleanup, forward_with_head, full_state_dict, init_distributed, is_sharded,
-                                        shard_trajectories, wrap_model)
+from fastrl.trainer.distributed import (cleanup, forward_with_head, full_state_dict, global_micro_batches,
+                                        idle_forward_backward, init_distributed, is_sharded, shard_trajectories,
+                                        wrap_model)
 from fastrl.trainer.update import policy_update
 
 VOCAB = 61
 CONTROL = [57, 58, 59]
 LR = 0.5
 GRAD_CLIP = 0.05         # small enough to clip: clipping must use the global gradient norm
-MICRO_BATCH_TOKENS = 48  # several micro-batches per rank
+MICRO_BATCH_TOKENS = 64  # above the longest sequence (50), below a rank's share: several micro-batches
 
 
 def build_model(seed: int):
@@ -87,25 +88,36 @@ def run_step(seed: int, info=None) -> dict:
 def fsdp_step(seed: int, info=None) -> dict:
     """Forward/backward of every micro-batch through `forward_with_head`, then one SGD step: with
     `info` from torchrun on an FSDP2-sharded model and this rank's shard, else plainly on the whole
-    batch. Returns the loss, the global gradient norm and the full weights after the step."""
+    batch. Returns the loss, the global gradient norm and the full weights after the step.
+
+    Rank 0 packs everything into one micro-batch and the others into one per sequence (the loss
+    does not depend on packing), so the ranks have different micro-batch counts to pad."""
     trajs, _ = build_batch(seed)
     model = build_model(seed)
+    budget = MICRO_BATCH_TOKENS
     if info is not None and info.enabled:
         trajs, _ = shard_trajectories(trajs, info.rank, info.world_size)
         model = wrap_model(model, info, shard=True)
         assert is_sharded(model)
+        budget = 4096 if info.rank == 0 else max(len(t) for t in trajs)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     cfg = PolicyLossConfig(entropy_coef=0.01, sft_weight=0.5, unlikelihood_weight=0.3)
-    batches = pack_micro_batches(SequenceStore.from_trajectories(trajs), MICRO_BATCH_TOKENS, VOCAB)
+    batches = pack_micro_batches(SequenceStore.from_trajectories(trajs), budget, VOCAB)
     counts = torch.tensor([sum(int((b.kinds != TokenKind.IGNORE).sum()) for b in batches),
                            sum(len(set(b.seq_index[b.kinds != TokenKind.IGNORE].tolist())) for b in batches)],
                           dtype=torch.float64)
     loss = torch.zeros((), dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(counts)     # the global normalisers
-    for b in batches:
-        t = b.to_torch("cpu")
-        rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0]
+    steps = global_micro_batches(len(batches))
+    for i in range(steps):
+        rows = None
+        if i < len(batches):
+            t = batches[i].to_torch("cpu")
+            rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0]
+        if rows is None or rows.numel() == 0:
+            idle_forward_backward(model)
+            continue
         hidden, head = forward_with_head(model, t["input_ids"], t["position_ids"], t["cu_seqlens"])
         out = linear_policy_loss(hidden[rows], head, t["target_ids"][rows], kinds=t["kinds"][rows],
                                  advantages=t["advantages"][rows], old_logprobs=t["logprobs"][rows],
@@ -118,7 +130,8 @@ def fsdp_step(seed: int, info=None) -> dict:
     norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), GRAD_CLIP)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     opt.step()
-    return {"loss": float(loss), "grad_norm": float(norm), "rank0_only_keys": len(full_state_dict(model)),
+    return {"loss": float(loss), "grad_norm": float(norm), "micro_batches": (len(batches), steps),
+            "rank0_only_keys": len(full_state_dict(model)),
             "params": {k: v.detach().cpu().clone() for k, v in full_state_dict(model, rank0_only=False).items()}}
 
 

@@ -81,12 +81,16 @@ def test_two_gloo_ranks_match_one_process(tmp_path, seed):
 def test_fsdp2_sharded_ranks_match_one_process(tmp_path, seed):
     """wrap_model's FSDP2 contract, checked on CPU with gloo: the head weight comes through
     forward_with_head, the reduce-scatter sums (not averages) rank gradients, tied weights stay
-    tied, and full_state_dict gathers the weights after a step."""
+    tied, ranks with fewer micro-batches pad with idle passes, and full_state_dict gathers the
+    weights after a step."""
     run_torchrun(tmp_path, seed, "fsdp")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     single = _dist_worker.fsdp_step(seed)
     assert single["grad_norm"] > _dist_worker.GRAD_CLIP
     assert ranks[0]["rank0_only_keys"] == len(single["params"]) and ranks[1]["rank0_only_keys"] == 0
+    # Rank 0 had fewer micro-batches and padded up to the other rank's count.
+    (own0, steps0), (own1, steps1) = ranks[0]["micro_batches"], ranks[1]["micro_batches"]
+    assert own0 < own1 and steps0 == steps1 == own1
     for r in ranks:
         assert r["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-7)
         assert r["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)

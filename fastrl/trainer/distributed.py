@@ -162,6 +162,26 @@ def forward_with_head(model, input_ids, position_ids, cu_seqlens):
         model.get_output_embeddings().weight
 
 
+def global_micro_batches(local: int, device=None) -> int:
+    """The most micro-batches any rank has this step (`local` when alone). With FSDP every forward
+    and backward is a collective, so every rank must run this many; see `idle_forward_backward`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    t = torch.tensor([local], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def idle_forward_backward(model) -> None:
+    """A one-token forward and backward that adds nothing to any gradient, for a rank with fewer
+    micro-batches than the others (or one without loss rows): it takes part in FSDP's all-gathers
+    and reduce-scatters so the other ranks do not wait on it forever."""
+    device = next(model.parameters()).device
+    one = torch.zeros(1, dtype=torch.long, device=device)
+    hidden, head = forward_with_head(model, one, one, torch.tensor([0, 1], dtype=torch.int32, device=device))
+    (hidden.sum() * 0 + head.sum() * 0).backward()
+
+
 def wrap_model(model, info: DistInfo, *, shard: bool | None = None, mp_policy=None):
     """Prepare `model` for data-parallel training; call it before building the optimizer.
 
@@ -178,6 +198,10 @@ def wrap_model(model, info: DistInfo, *, shard: bool | None = None, mp_policy=No
         `model.get_output_embeddings().weight` read before the forward: that is the sharded DTensor);
       * skip its own gradient all-reduce (`is_sharded(model)`): each rank's `.grad` is its shard,
         already summed over ranks; all-reducing it again would multiply by the world size;
+      * run the same number of forward/backward passes on every rank: each is a collective, so a
+        rank with fewer micro-batches (or a micro-batch without loss rows, now skipped with
+        `continue`) pads with `idle_forward_backward` up to `global_micro_batches(len(batches))`,
+        or the ranks deadlock;
       * still all-reduce the loss and the token counts (those are plain tensors).
     clip_grad_norm_ over the DTensor gradients computes the global norm; its result is a DTensor
     (`.full_tensor()` before `float`). A sharded model's `state_dict()` is shards: use
