@@ -23,6 +23,7 @@ from fastrl.data import SequenceStore
 from fastrl.data.packed import pack_micro_batches
 from fastrl.data.packed_forward import packed_forward
 from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss, linear_token_stats
+from fastrl.trainer.distributed import forward_with_head, global_micro_batches, idle_forward_backward, is_sharded
 
 # Metrics that are sums over micro-batches (counts); the rest are token-weighted means.
 COUNT_METRICS = ("tokens_rl", "tokens_sft", "tokens_unlikelihood", "tokens_rl_control_target", "spike_count")
@@ -93,8 +94,8 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
     if loss_config.kl_coef and ref_model is None:
         raise ValueError("loss.kl_coef != 0 needs a reference model")
     device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
-    head = model.get_output_embeddings().weight
+    vocab = model.get_output_embeddings().weight.shape[0]   # a sharded parameter keeps its full shape
+    sharded = is_sharded(model)    # FSDP2: gradients are summed into each rank's shard by FSDP
     t0 = time.perf_counter()
 
     if on_policy is not None and len(on_policy) != len(trajectories):
@@ -108,12 +109,15 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
     model.train()
     loss_total, forwards, ref_forwards = 0.0, 0, 0
     metrics_list, weights = [], []
-    for b in batches:
-        t = b.to_torch(device)
-        rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0]
-        if rows.numel() == 0:
+    # Every rank runs the same number of forward/backward passes (FSDP collectives must pair up).
+    for i in range(global_micro_batches(len(batches), device)):
+        t = batches[i].to_torch(device) if i < len(batches) else None
+        rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0] if t is not None else None
+        if t is None or rows.numel() == 0:
+            if _world()[1]:
+                idle_forward_backward(model)
             continue
-        hidden = packed_forward(model, t["input_ids"], t["position_ids"], t["cu_seqlens"]).hidden_states
+        hidden, head = forward_with_head(model, t["input_ids"], t["position_ids"], t["cu_seqlens"])
         forwards += 1
         ref_lp = None
         if loss_config.kl_coef:
@@ -142,13 +146,15 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
     params = [p for p in model.parameters() if p.requires_grad]
     world, on = _world()
     if on:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+        if not sharded:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
         loss_total = _all_reduce_sum([loss_total], device)[0]
     grads = [p.grad for p in params if p.grad is not None]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     finite = math.isfinite(loss_total) and math.isfinite(grad_norm) and bool(grads)
     if finite:
         if lr is not None:
