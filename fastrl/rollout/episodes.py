@@ -186,25 +186,33 @@ def generate_episodes(engine: Engine, env, tasks: list, sampling: SamplingConfig
 
     running: dict[Future, _Episode] = {}
     by_request: dict[str, tuple[_Episode, int]] = {}
+
+    def submit(ep: _Episode) -> None:
+        by_request[f"{ep.index}:{ep.turn}"] = (ep, d.submit(ep))
+
     with ThreadPoolExecutor(max_workers=sampling.env_workers,
                             thread_name_prefix="fastrl-env") as pool:
-        def submit(ep: _Episode) -> None:
-            by_request[f"{ep.index}:{ep.turn}"] = (ep, d.submit(ep))
-
-        for ep in episodes:
-            submit(ep)
-        while engine.has_unfinished() or running:
-            if engine.has_unfinished():
-                for c in engine.step():
-                    ep, budget = by_request.pop(c.request_id)
-                    running[pool.submit(d.env_turn, ep, c, budget)] = ep
-                ready = [f for f in running if f.done()]
-            else:  # nothing to generate: wait for a tool to return
-                ready, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for f in ready:
-                ep = running.pop(f)
-                if f.result():  # re-raises an env failure
-                    submit(ep)
-                else:
-                    d.finish(ep)
+        try:
+            for ep in episodes:
+                submit(ep)
+            while engine.has_unfinished() or running:
+                if engine.batch_per_step and running:  # gather the whole turn into one batch
+                    wait(list(running))
+                if engine.has_unfinished():
+                    for c in engine.step():
+                        ep, budget = by_request.pop(c.request_id)
+                        running[pool.submit(d.env_turn, ep, c, budget)] = ep
+                    ready = [f for f in running if f.done()]
+                else:  # nothing to generate: wait for a tool to return
+                    ready, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                # In episode order: a batching engine then sees the same batches every run.
+                for f in sorted(ready, key=lambda f: running[f].index):
+                    ep = running.pop(f)
+                    if f.result():  # re-raises an env failure
+                        submit(ep)
+                    else:
+                        d.finish(ep)
+        except BaseException:
+            engine.abort()  # leave no orphaned requests behind (they would block weight sync)
+            raise
     return [ep.traj for ep in episodes]

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 @dataclass
 class SamplingConfig:
-    n: int = 1                    # rollouts per task (group size G); all share group_id = task index
+    n: int = 1                    # rollouts per task (group size G), group_id = task index
     temperature: float = 1.0      # 0 = greedy
     top_p: float = 1.0
     max_new_tokens: int = 256     # per assistant turn
     max_turns: int = 8            # assistant turns per episode
-    max_total_tokens: int = 4096  # prompt + turns + observations of one episode
+    max_total_tokens: int = 4096  # prompt + turns + observations of an episode
     seed: int | None = None       # None: unseeded sampling
     num_hinted: int = 0           # h of the n rollouts of a group see the task's hint
     # Stop a turn at the tool-call close tag instead of the end-of-turn token. The end-of-turn
@@ -24,7 +24,8 @@ class SamplingConfig:
         if self.n < 1:
             raise ValueError(f"sampling.n must be >= 1, got {self.n}")
         if not 0 <= self.num_hinted <= self.n:
-            raise ValueError(f"sampling.num_hinted must be in [0, n={self.n}], got {self.num_hinted}")
+            raise ValueError(f"sampling.num_hinted must be in [0, n={self.n}], "
+                             f"got {self.num_hinted}")
         if self.temperature < 0:
             raise ValueError(f"sampling.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -79,5 +79,8 @@ class ScriptedEngine(Engine):
         del self.pending[:self.batch]
         return out
 
+    def abort(self) -> None:
+        self.pending.clear()
+
     def _load_weights(self, state_dict: dict) -> None:
         pass
