@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fastrl.rollout import generate_episodes, make_engine
+from fastrl.rollout import generate_episodes
 from fastrl.trainer.config import TrainConfig
-from fastrl.trainer.grpo import load_policy, make_env, prepare_model_path, sampling_for
+from fastrl.trainer.grpo import load_policy, make_env, make_rollout_engine, prepare_model_path, sampling_for
 
 EVAL_SEED_OFFSET = 10_007   # eval tasks come from their own seed, never the training stream
 
@@ -33,14 +33,14 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: str) -> dict:
     path = Path(checkpoint)
     if (path / "config.json").is_file():            # an exported Hugging Face model
         model_path = str(path)
-        engine = make_engine(cfg.rollout.engine, model_path)
+        engine = make_rollout_engine(cfg, model_path)
     elif (path / "model.safetensors").is_file():    # a training checkpoint over the base model
         from fastrl.trainer.checkpoint import load_checkpoint
 
         model_path = prepare_model_path(cfg)
         model, _ = load_policy(model_path, cfg)
         load_checkpoint(path, model=model, restore_rng=False)
-        engine = make_engine(cfg.rollout.engine, model_path)
+        engine = make_rollout_engine(cfg, model_path)
         engine.update_weights(model.state_dict(), 1)
     else:
         raise ValueError(f"--checkpoint {checkpoint}: neither a model dir (config.json) nor a checkpoint "

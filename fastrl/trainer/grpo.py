@@ -109,6 +109,23 @@ def make_env(cfg: TrainConfig):
     return env, tasks
 
 
+def make_rollout_engine(cfg: TrainConfig, model_path: str):
+    """The configured engine, sampling in the trainer's dtype (so rollout and trainer log-probs
+    of the same tokens agree)."""
+    from fastrl.rollout import vllm_available
+
+    kind = cfg.rollout.engine
+    if kind == "auto":
+        kind = "vllm" if vllm_available() else "hf"
+    opts = {"dtype": cfg.model.dtype}
+    if kind == "vllm":
+        opts["max_model_len"] = cfg.rollout.max_total_tokens
+        if torch.cuda.is_available():
+            opts.update(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                        tensor_parallel_size=cfg.rollout.tensor_parallel_size)
+    return make_engine(kind, model_path, **opts)
+
+
 def control_ids_of(tokenizer) -> list[int]:
     from fastrl.models import control_token_ids
 
@@ -209,6 +226,7 @@ class Trainer:
         self.env, self.make_tasks = make_env(cfg)
         self.train_tasks = self.make_tasks("train", cfg.env.train_tasks, cfg.seed)
         self.by_id = {str(t.id): t for t in self.train_tasks}
+        self._expert_cache: dict[str, object] = {}
         self.ref_model = None
         if cfg.loss.kl_coef:
             self.ref_model, _ = load_policy(self.model_path, cfg)
@@ -230,12 +248,7 @@ class Trainer:
                 extra = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
                 self._load_extra(extra)
                 self.resumed_from = self.step
-        engine_opts = {}
-        kind = cfg.rollout.engine
-        if kind in ("vllm", "auto") and torch.cuda.is_available():
-            engine_opts = dict(gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                               tensor_parallel_size=cfg.rollout.tensor_parallel_size)
-        self.engine = make_engine(kind, self.model_path, **engine_opts)
+        self.engine = make_rollout_engine(cfg, self.model_path)
         self.engine.update_weights(self.model.state_dict(), self.version)
         self.log = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, progress=cfg.progress,
                                  total_steps=cfg.steps, resume_from_step=self.resumed_from)
@@ -271,7 +284,11 @@ class Trainer:
         return out
 
     def _experts(self, tasks) -> list:
-        return [expert_trajectory(self.env, t, self.tokenizer, score=False) for t in tasks]
+        """Gold trajectories (SFT rows), rendered once per task: they never change."""
+        for t in tasks:
+            if str(t.id) not in self._expert_cache:
+                self._expert_cache[str(t.id)] = expert_trajectory(self.env, t, self.tokenizer, score=False)
+        return [self._expert_cache[str(t.id)] for t in tasks]
 
     def _sft_step(self, tasks, lr: float) -> object:
         loss_cfg = dataclasses.replace(self.cfg.loss, sft_weight=1.0)
