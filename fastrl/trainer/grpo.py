@@ -31,6 +31,8 @@ from fastrl.rollout import SamplingConfig, check_versions, expert_trajectory, ge
 from fastrl.trainer.advantages import group_advantages
 from fastrl.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastrl.trainer.config import TrainConfig
+from fastrl.trainer.distributed import (broadcast_object, cleanup, full_state_dict, init_distributed,
+                                        shard_trajectories, wrap_model)
 from fastrl.trainer.metrics_log import MetricsLogger
 from fastrl.trainer.monitor import CollapseMonitor
 from fastrl.trainer.update import policy_update
@@ -56,11 +58,11 @@ def prepare_model_path(cfg: TrainConfig) -> str:
     return str(path)
 
 
-def load_policy(model_path: str, cfg: TrainConfig):
+def load_policy(model_path: str, cfg: TrainConfig, device=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(torch, cfg.model.dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.model.liger_kernels and device == "cuda":
         try:
             import liger_kernel.transformers as liger
@@ -210,18 +212,40 @@ class SupervisionState:
 SFT_TASK_STREAM = 10_000_000
 
 
+class _QuietLog:
+    """The metrics log of ranks other than 0: they compute, rank 0 writes."""
+
+    def log(self, step, metrics):
+        return metrics
+
+    def event(self, step, kind, message, **fields):
+        return None
+
+    def close(self):
+        return None
+
+
 class Trainer:
     """Holds the run's objects; `run()` is the loop. Built by `Trainer(cfg)`; the pieces are plain
-    attributes so a notebook can poke at them."""
+    attributes so a notebook can poke at them.
+
+    Under torchrun every rank builds a Trainer: rank 0 owns the rollout engine, the log and the
+    checkpoints and shares each step's trajectories; every rank trains on its balanced share and
+    gradients are summed over ranks (fastrl.trainer.distributed)."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False):
         self.cfg = cfg
+        self.dist = init_distributed()
+        self.main = self.dist.is_main
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.model_path = prepare_model_path(cfg)
+        self.model_path = broadcast_object(self.model_path if self.main else None)
         seed_everything(cfg.seed)
-        self.model_path = prepare_model_path(cfg)
-        self.model, self.tokenizer = load_policy(self.model_path, cfg)
+        self.model, self.tokenizer = load_policy(self.model_path, cfg, device=self.dist.device)
+        self.model = wrap_model(self.model, self.dist)     # before the optimizer (FSDP2 on CUDA)
         self.control_ids = control_ids_of(self.tokenizer)
         self.env, self.make_tasks = make_env(cfg)
         self.train_tasks = self.make_tasks("train", cfg.env.train_tasks, cfg.seed)
@@ -229,7 +253,7 @@ class Trainer:
         self._expert_cache: dict[str, object] = {}
         self.ref_model = None
         if cfg.loss.kl_coef:
-            self.ref_model, _ = load_policy(self.model_path, cfg)
+            self.ref_model, _ = load_policy(self.model_path, cfg, device=self.dist.device)
             self.ref_model.requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
                                            betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
@@ -248,10 +272,13 @@ class Trainer:
                 extra = load_checkpoint(ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
                 self._load_extra(extra)
                 self.resumed_from = self.step
-        self.engine = make_rollout_engine(cfg, self.model_path)
-        self.engine.update_weights(self.model.state_dict(), self.version)
+        self.engine = make_rollout_engine(cfg, self.model_path) if self.main else None
+        weights = full_state_dict(self.model)
+        if self.main:
+            self.engine.update_weights(weights, self.version)
         self.log = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, progress=cfg.progress,
-                                 total_steps=cfg.steps, resume_from_step=self.resumed_from)
+                                 total_steps=cfg.steps, resume_from_step=self.resumed_from) \
+            if self.main else _QuietLog()
 
     # -- checkpoint state
     def _extra(self) -> dict:
@@ -270,8 +297,20 @@ class Trainer:
     def _sync(self) -> float:
         t = time.perf_counter()
         self.version += 1
-        self.engine.update_weights(self.model.state_dict(), self.version)
+        weights = full_state_dict(self.model)          # a collective when sharded: every rank
+        if self.main:
+            self.engine.update_weights(weights, self.version)
         return time.perf_counter() - t
+
+    def _update(self, trajectories, on_policy=None, **kw):
+        """policy_update on this rank's balanced share of `trajectories` (all of them alone)."""
+        flags = list(on_policy) if on_policy is not None else [False] * len(trajectories)
+        if self.dist.world_size > 1:
+            trajectories, idx = shard_trajectories(trajectories, self.dist.rank, self.dist.world_size)
+            flags = [flags[i] for i in idx]
+        return policy_update(self.model, trajectories, optimizer=self.optimizer, control_ids=self.control_ids,
+                             micro_batch_tokens=self.cfg.optim.micro_batch_tokens, grad_clip=self.cfg.optim.grad_clip,
+                             on_policy=flags, **kw)
 
     def _tasks_for_step(self, step: int) -> list:
         """A seeded permutation per epoch, so the task stream is a function of the step (resumable)."""
@@ -291,10 +330,9 @@ class Trainer:
         return [self._expert_cache[str(t.id)] for t in tasks]
 
     def _sft_step(self, tasks, lr: float) -> object:
-        loss_cfg = dataclasses.replace(self.cfg.loss, sft_weight=1.0)
-        return policy_update(self.model, self._experts(tasks), optimizer=self.optimizer, loss_config=loss_cfg,
-                             control_ids=self.control_ids, micro_batch_tokens=self.cfg.optim.micro_batch_tokens,
-                             grad_clip=self.cfg.optim.grad_clip, lr=lr)
+        # Expert trajectories are a pure function of the tasks: every rank renders the same ones.
+        return self._update(self._experts(tasks), loss_config=dataclasses.replace(self.cfg.loss, sft_weight=1.0),
+                            lr=lr)
 
     # -- phases
     def sft_warmup(self) -> None:
@@ -317,9 +355,11 @@ class Trainer:
         tasks = self._tasks_for_step(step)
 
         t0 = time.perf_counter()
-        trajs = generate_episodes(self.engine, self.env, tasks,
-                                  sampling_for(cfg, step, hinted=sup.hbg_hinted))
-        check_versions(trajs, self.version)
+        if self.main:
+            trajs = generate_episodes(self.engine, self.env, tasks,
+                                      sampling_for(cfg, step, hinted=sup.hbg_hinted))
+            check_versions(trajs, self.version)
+        trajs = broadcast_object(trajs if self.main else None)     # rank 0 rolls out for everyone
         timings["time_rollout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -360,10 +400,8 @@ class Trainer:
 
         loss_cfg = dataclasses.replace(cfg.loss, sft_weight=self.supervision.sft_weight or cfg.loss.sft_weight,
                                        unlikelihood_weight=sup.unlikelihood_weight or cfg.loss.unlikelihood_weight)
-        result = policy_update(self.model, trajs + supervised, optimizer=self.optimizer, loss_config=loss_cfg,
-                               control_ids=self.control_ids, micro_batch_tokens=cfg.optim.micro_batch_tokens,
-                               grad_clip=cfg.optim.grad_clip, old_logprobs=cfg.optim.old_logprobs,
-                               ref_model=self.ref_model, on_policy=on_policy + [False] * len(supervised))
+        result = self._update(trajs + supervised, on_policy + [False] * len(supervised), loss_config=loss_cfg,
+                              old_logprobs=cfg.optim.old_logprobs, ref_model=self.ref_model)
         timings["time_forward_backward"] = result.seconds_forward_backward
         timings["time_optimizer"] = result.seconds_optimizer
         if result.skipped:
@@ -398,6 +436,8 @@ class Trainer:
     def act_on(self, step: int, metrics: dict) -> None:
         """The collapse monitor's verdict and, under `stabilize`, what the trainer does about it."""
         cfg, mon = self.cfg, self.cfg.monitor
+        # Every rank judges rank 0's metrics, so all take the same actions.
+        metrics.update(broadcast_object(metrics if self.main else None))
         verdict = self.monitor.update(metrics)
         metrics["collapse_warning"] = float(verdict.warning)
         if not verdict.warning:
@@ -438,10 +478,17 @@ class Trainer:
                        reason=reason)
 
     def checkpoint(self, healthy: bool) -> None:
-        path = save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, extra_state=self._extra(), keep_last=self.cfg.keep_last)
+        if self.model is not None and hasattr(self.model, "fastrl_forward_with_head"):
+            self.log.event(self.step, "skip", "checkpoints of FSDP2-sharded models are not implemented")
+            return
+        path = None
+        if self.main:      # data parallel: every rank holds the same weights and optimizer state
+            path = str(save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                       scheduler=self.scheduler, extra_state=self._extra(),
+                                       keep_last=self.cfg.keep_last))
+        path = broadcast_object(path)
         if healthy:
-            self.healthy_checkpoint = str(path)
+            self.healthy_checkpoint = path
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -460,7 +507,9 @@ class Trainer:
                 "warnings": self.monitor.warnings, "seconds": time.perf_counter() - t_start}
 
     def close(self) -> None:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
+        cleanup()
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
