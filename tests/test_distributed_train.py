@@ -58,5 +58,11 @@ def test_two_rank_training_matches_one_process(tmp_path):
     a = load_file(tmp_path / "single" / "checkpoints" / "step_00000001" / "model.safetensors")
     b = load_file(tmp_path / "ddp" / "checkpoints" / "step_00000001" / "model.safetensors")
     assert a.keys() == b.keys()
+    # AdamW's first step moves each weight by about lr * g / |g|: float-level differences in the
+    # summed gradient show up where g is tiny, so compare against a small fraction of one step.
+    lr = _config(tmp_path)["optim"]["lr"]
+    moved = max((a[k] - load_file(tmp_path / "single" / "base_model" / "model.safetensors").get(k, a[k])).abs().max()
+                for k in a)
+    assert moved > lr / 2                      # the step really moved the weights
     for k in a:
-        assert (a[k] - b[k]).abs().max() <= 1e-6, k
+        assert (a[k] - b[k]).abs().max() <= 0.02 * lr, k
