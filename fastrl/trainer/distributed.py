@@ -105,9 +105,14 @@ def shard_trajectories(trajectories, rank: int, world_size: int):
     return [trajectories[i] for i in mine], mine
 
 
+def _alone() -> bool:
+    # No group, or a group of one (in-process vLLM initialises one for itself).
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+
+
 def broadcast_object(obj, src: int = 0):
     """`obj` from rank `src` on every rank (pickled), e.g. rank 0's rollouts; identity when alone."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if _alone():
         return obj
     box = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src)
@@ -165,7 +170,7 @@ def forward_with_head(model, input_ids, position_ids, cu_seqlens):
 def global_micro_batches(local: int, device=None) -> int:
     """The most micro-batches any rank has this step (`local` when alone). With FSDP every forward
     and backward is a collective, so every rank must run this many; see `idle_forward_backward`."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if _alone():
         return local
     t = torch.tensor([local], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)

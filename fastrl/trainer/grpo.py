@@ -509,7 +509,8 @@ class Trainer:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
-        cleanup()
+        if self.dist.enabled:      # only the group we joined: in-process vLLM keeps its own
+            cleanup()
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:

@@ -44,7 +44,8 @@ class UpdateResult:
 
 
 def _world() -> tuple[int, bool]:
-    if dist.is_available() and dist.is_initialized():
+    # In-process vLLM initialises a process group of its own (world size 1): nothing to reduce.
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.get_world_size(), True
     return 1, False
 
