@@ -24,8 +24,8 @@ from fastrl.trainer.metrics_log import read_events, read_metrics
 DEMO_CONFIG = {
     "seed": 0,
     "steps": 12,
-    "sft_warmup_steps": 150,
-    "sft_warmup_lr": 3e-3,
+    "sft_warmup_steps": 300,
+    "sft_warmup_lr": 2e-3,
     "checkpoint_every": 4,
     "model": {"tiny_hidden_size": 128, "tiny_layers": 2},
     "env": {"train_tasks": 2000, "eval_tasks": 48},
@@ -38,7 +38,7 @@ DEMO_CONFIG = {
     "monitor": {"policy": "stabilize"},
 }
 
-QUICK = {"steps": 2, "sft_warmup_steps": 6, "checkpoint_every": 1,
+QUICK = {"steps": 2, "sft_warmup_steps": 50, "checkpoint_every": 1,
          "env": {"train_tasks": 64, "eval_tasks": 6},
          "rollout": {"tasks_per_step": 2, "group_size": 4, "max_new_tokens": 40, "max_turns": 4}}
 
@@ -180,7 +180,7 @@ def run_drill(out_dir=None, quick: bool = False) -> dict:
     summary = {"pre_drill_success": pre_success, "warning_step_A": warn_a, "format_broken_step_A": broke_a,
                "final": outcome, "lr": drill["optim"]["lr"], "seconds": time.perf_counter() - t_start}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
-    kept = outcome["B"]["success"] / pre_success if pre_success else float("nan")
+    kept = f"{outcome['B']['success'] / pre_success:.0%} of pre-drill" if pre_success else "pre-drill was 0%"
     report = [
         "# fastrl collapse drill", "",
         f"Both runs start from the SFT'd tiny model (held-out success {pre_success:.0%}) and run RL only "
@@ -189,7 +189,7 @@ def run_drill(out_dir=None, quick: bool = False) -> dict:
         "with a lower LR).", "",
         f"- A: first collapse warning at step {warn_a}; format-error rate first above 50% at step {broke_a}; "
         f"final success {outcome['A']['success']:.0%}, format errors {outcome['A']['format_error_rate']:.0%}",
-        f"- B: final success {outcome['B']['success']:.0%} ({kept:.0%} of pre-drill), format errors "
+        f"- B: final success {outcome['B']['success']:.0%} ({kept}), format errors "
         f"{outcome['B']['format_error_rate']:.0%}", "",
         f"![drill]({plot.name})", "",
     ]

@@ -183,7 +183,8 @@ class SupervisionState:
 
     def __init__(self, cfg: TrainConfig):
         self.failed_at: dict[str, int] = {}       # task id -> last step it failed
-        self.sft_weight = cfg.supervision.sft_weight
+        # Synchronous SFT weight; other schemes start at 0 (the monitor may raise it).
+        self.sft_weight = cfg.supervision.sft_weight if cfg.supervision.scheme == "sync" else 0.0
         self.pending_sft_steps = 0                # SFT steps scheduled by the monitor
         self.rollbacks = 0
         self.lr_scale = 1.0
@@ -390,7 +391,8 @@ class Trainer:
                 if t.format_error and hasattr(t, "turn_infos"):
                     marked += mark_malformed_control_tokens(t, self.control_ids)
         supervised = []
-        if sup.scheme == "sync" and self.supervision.sft_weight > 0:
+        # The synchronous term: the configured weight (scheme sync), or what the monitor raised it to.
+        if self.supervision.sft_weight > 0:
             if sup.ops_expert_sft:
                 supervised += self._experts(tasks)
             if sup.ets_window:
