@@ -31,7 +31,8 @@ DEMO_CONFIG = {
     "env": {"train_tasks": 2000, "eval_tasks": 48},
     "rollout": {"engine": "auto", "tasks_per_step": 8, "group_size": 8, "temperature": 1.0,
                 "max_new_tokens": 64, "max_turns": 6, "max_total_tokens": 2048},
-    "optim": {"lr": 2e-4, "micro_batch_tokens": 8192, "warmup_steps": 1},
+    # Small micro-batches on a CPU: the packed block mask makes attention cost grow with length^2.
+    "optim": {"lr": 2e-4, "micro_batch_tokens": 1024, "warmup_steps": 1},
     "loss": {"eps_high": 0.28},
     "supervision": {"scheme": "sync", "sft_weight": 0.1, "ops_expert_sft": False, "ets_window": 4,
                     "ets_max_tasks": 8, "hbg_hinted": 1},

@@ -59,6 +59,19 @@ def test_recipe_runs_with_supervision_in_the_single_forward(tmp_path):
     assert rows[0]["logprob_gap_mean"] < 1e-3
     assert latest_checkpoint(tmp_path / "run") is not None
     assert (tmp_path / "run" / "config.yaml").is_file()
+    assert summary["final_model"] and (tmp_path / "run" / "final_model" / "config.json").is_file()
+
+    # `fastrl eval` on the checkpoint and on the exported model give the same greedy results.
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_config(tmp_path / "run")))
+    results = []
+    for ckpt in (latest_checkpoint(tmp_path / "run"), tmp_path / "run" / "final_model"):
+        out = subprocess.run([sys.executable, "-m", "fastrl", "eval", str(cfg_path), "--checkpoint", str(ckpt)],
+                             capture_output=True, text=True, timeout=600, check=True).stdout
+        results.append(json.loads(out[out.index("{"):]))
+    assert set(results[0]) == {"test", "content_shift", "format_shift"}
+    assert results[0] == results[1]
+    assert all(r["n"] == 4 for r in results[0].values())
 
 
 def test_recipe_on_the_vllm_engine_keeps_rollout_and_trainer_logprobs_together(tmp_path):

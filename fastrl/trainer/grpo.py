@@ -29,7 +29,7 @@ from fastrl.data.trajectory import Role
 from fastrl.ops import TokenKind
 from fastrl.rollout import SamplingConfig, check_versions, expert_trajectory, generate_episodes, make_engine
 from fastrl.trainer.advantages import group_advantages
-from fastrl.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastrl.trainer.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastrl.trainer.config import TrainConfig
 from fastrl.trainer.distributed import (broadcast_object, cleanup, full_state_dict, init_distributed,
                                         shard_trajectories, wrap_model)
@@ -346,7 +346,7 @@ class Trainer:
             r = self._sft_step(tasks, cfg.sft_warmup_lr)
             self.sft_done += 1
             self.log.event(0, "sft_warmup", f"SFT warm-up step {self.sft_done}: loss {r.loss:.4f}",
-                           loss=r.loss)
+                           loss=r.loss, echo=self.sft_done % 25 == 0 or self.sft_done == cfg.sft_warmup_steps)
         self._sync()
 
     def rl_step(self) -> dict:
@@ -504,9 +504,19 @@ class Trainer:
             healthy = not metrics["collapse_warning"]
             if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.checkpoint(healthy)
+        final = self.export()
         self.log.close()
-        return {"steps": self.step, "skipped_steps": self.skipped_steps,
-                "warnings": self.monitor.warnings, "seconds": time.perf_counter() - t_start}
+        return {"steps": self.step, "skipped_steps": self.skipped_steps, "warnings": self.monitor.warnings,
+                "final_model": final, "seconds": time.perf_counter() - t_start}
+
+    def export(self) -> str | None:
+        """The trained model as a Hugging Face dir (run_dir/final_model) for transformers and vLLM."""
+        if self.model is not None and hasattr(self.model, "fastrl_forward_with_head"):
+            self.log.event(self.step, "skip", "export of FSDP2-sharded models is not implemented")
+            return None
+        if not self.main:
+            return None
+        return str(export_pretrained(self.model, self.tokenizer, self.run_dir / "final_model"))
 
     def close(self) -> None:
         if self.engine is not None:

@@ -168,7 +168,7 @@ class MetricsLogger:
             self._show(step, record)
         return record
 
-    def event(self, step: int, kind: str, message: str, **fields: Any) -> dict:
+    def event(self, step: int, kind: str, message: str, *, echo: bool = True, **fields: Any) -> dict:
         """A monitor warning / action / skipped step, in events.jsonl and on the terminal."""
         record = {"step": int(step), "time": round(time.time(), 3), "kind": str(kind),
                   "message": str(message)}
@@ -179,7 +179,7 @@ class MetricsLogger:
         self._write(self._events_f, record)
         if self._tb is not None:
             self._tb.add_text(f"events/{kind}", message, int(step))
-        if self.progress:
+        if self.progress and echo:   # echo=False: in the file only (e.g. routine SFT warm-up steps)
             extra = " ".join(f"{k}={_fmt(_from_json(v))}" for k, v in record.items()
                              if k not in ("step", "time", "kind", "message"))
             self._print(f"[{kind}] step {step}: {message}" + (f" ({extra})" if extra else ""))

@@ -102,7 +102,11 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
     if on_policy is not None and len(on_policy) != len(trajectories):
         raise ValueError(f"on_policy has {len(on_policy)} flags for {len(trajectories)} trajectories")
     flags = torch.tensor([bool(f) for f in on_policy] if on_policy is not None else [], dtype=torch.bool)
-    batches = pack_micro_batches(SequenceStore.from_trajectories(trajectories), micro_batch_tokens, vocab)
+    store = SequenceStore.from_trajectories(trajectories)
+    # The budget is a packing target: a sequence longer than it gets a micro-batch of its own
+    # (never truncated, never a crash of the run).
+    budget = max(micro_batch_tokens, int(store.lengths.max()))
+    batches = pack_micro_batches(store, budget, vocab)
     local_tokens = sum(int((b.kinds != TokenKind.IGNORE).sum()) for b in batches)
     local_seqs = sum(len(set(b.seq_index[b.kinds != TokenKind.IGNORE].tolist())) for b in batches)
     global_tokens, global_seqs = (int(v) for v in _all_reduce_sum([local_tokens, local_seqs], device))
