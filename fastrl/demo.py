@@ -75,27 +75,24 @@ def run_demo(out_dir=None, quick: bool = False) -> dict:
     trainer = Trainer(cfg)
     times, results = {}, {}
     try:
+        def timed(name, fn):
+            t = time.perf_counter()
+            out = fn()
+            times[name] = time.perf_counter() - t
+            return out
+
+        def evaluate_now():
+            return evaluate_splits(trainer.engine, trainer.env, trainer.make_tasks, cfg)
+
         print(f"engine: {type(trainer.engine).__name__}; evaluating the untrained model ...", flush=True)
-        t = time.perf_counter()
-        results["before SFT"] = evaluate_splits(trainer.engine, trainer.env, trainer.make_tasks, cfg)
-        times["eval before SFT"] = time.perf_counter() - t
-
+        results["before SFT"] = timed("eval before SFT", evaluate_now)
         print(f"SFT warm-up: {cfg.sft_warmup_steps} steps on expert trajectories ...", flush=True)
-        t = time.perf_counter()
-        trainer.sft_warmup()
-        times["SFT warm-up"] = time.perf_counter() - t
-        t = time.perf_counter()
-        results["after SFT"] = evaluate_splits(trainer.engine, trainer.env, trainer.make_tasks, cfg)
-        times["eval after SFT"] = time.perf_counter() - t
+        timed("SFT warm-up", trainer.sft_warmup)
+        results["after SFT"] = timed("eval after SFT", evaluate_now)
         print(_split_table({"after SFT": results["after SFT"]}), flush=True)
-
         print(f"GRPO with supervision: {cfg.steps} steps ...", flush=True)
-        t = time.perf_counter()
-        trainer.run()
-        times["RL"] = time.perf_counter() - t
-        t = time.perf_counter()
-        results["after RL"] = evaluate_splits(trainer.engine, trainer.env, trainer.make_tasks, cfg)
-        times["eval after RL"] = time.perf_counter() - t
+        timed("RL", trainer.run)
+        results["after RL"] = timed("eval after RL", evaluate_now)
         engine_name = type(trainer.engine).__name__
     finally:
         trainer.close()

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from fastrl.envs import (FUNCTION_TAG, HERMES, SPLITS, SYNTAXES, RewardWeights, SyntheticConfig,
+from fastrl.envs import (HERMES, SPLITS, SYNTAXES, RewardWeights, SyntheticConfig,
                          SyntheticEnv, make_tasks)
 from fastrl.models import build_tokenizer
 

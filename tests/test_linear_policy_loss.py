@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss, linear_token_stats
+from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss
 from fastrl.ops.reference import reference_policy_loss, reference_token_stats
 
 BACKENDS = ["torch", "triton"]

@@ -22,7 +22,10 @@ class TemplateNotPrefixStableError(ValueError):
     concatenation would not match what the model sees. Use a prefix-stable template."""
 
 
-def _render(tokenizer, messages, tools, add_generation_prompt: bool, template_kwargs) -> list[int]:
+def render_messages(tokenizer, messages, tools=None, add_generation_prompt: bool = False,
+                    template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of the chat template's rendering of `messages` (the one place that calls it)."""
+    template_kwargs = template_kwargs or {}
     ids = tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=True,
                                         add_generation_prompt=add_generation_prompt,
                                         return_dict=False, **template_kwargs)
@@ -66,7 +69,7 @@ def render_prompt(tokenizer, messages: Sequence[dict], tools: list | None = None
                   **template_kwargs) -> list[int]:
     """Ids of the first prompt (system + user, with the tool schemas) ending with the
     generation prompt (ChatML: `<|im_start|>assistant\\n`)."""
-    return _render(tokenizer, messages, tools, True, template_kwargs)
+    return render_messages(tokenizer, messages, tools, True, template_kwargs)
 
 
 def render_observation(tokenizer, messages: Sequence[dict], new_messages: Sequence[dict],
@@ -87,8 +90,8 @@ def render_observation(tokenizer, messages: Sequence[dict], new_messages: Sequen
         last = int(assistant_ids[-1]) if len(assistant_ids) else None
         raise ValueError(f"the sampled assistant turn ends with id {last}, not the end-of-turn "
                          f"id {eot}: it was truncated and cannot be followed by an observation")
-    before = _render(tokenizer, messages, tools, False, template_kwargs)
-    after = _render(tokenizer, list(messages) + list(new_messages), tools, True, template_kwargs)
+    before = render_messages(tokenizer, messages, tools, False, template_kwargs)
+    after = render_messages(tokenizer, list(messages) + list(new_messages), tools, True, template_kwargs)
     if after[:len(before)] != before:
         at = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), len(after))
         raise TemplateNotPrefixStableError(
@@ -105,5 +108,5 @@ def render_turn_tail(tokenizer, messages: Sequence[dict], tools: list | None = N
     the newline). Appending them (untrained) makes the trajectory equal the full rendering."""
     _check_assistant_last(messages)
     eot = end_of_turn_id(tokenizer, end_of_turn)
-    return _tail_after_end_of_turn(tokenizer, _render(tokenizer, messages, tools, False,
+    return _tail_after_end_of_turn(tokenizer, render_messages(tokenizer, messages, tools, False,
                                                       template_kwargs), eot)

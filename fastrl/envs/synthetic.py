@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from fastrl.envs.base import (EpisodeState, RewardWeights, StepResult, TurnInfo, combine_rewards,
                               format_error_message)
-from fastrl.envs.parsing import FUNCTION_TAG, HERMES, SYNTAXES, CallSyntax
+from fastrl.envs.parsing import HERMES, SYNTAXES, CallSyntax
 from fastrl.envs.tools import ToolExecutor, ToolRegistry, tool
 
 SPLITS = ("train", "test", "content_shift", "format_shift")

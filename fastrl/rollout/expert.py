@@ -7,17 +7,8 @@ to generate. The trajectory is the whole rendering, token for token.
 """
 from __future__ import annotations
 
-from fastrl.data.chat_template import TemplateNotPrefixStableError, end_of_turn_id
+from fastrl.data.chat_template import TemplateNotPrefixStableError, end_of_turn_id, render_messages
 from fastrl.data.trajectory import Trajectory
-
-
-def _render(tokenizer, messages, tools, add_generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=True,
-                                        add_generation_prompt=add_generation_prompt,
-                                        return_dict=False)
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
 
 
 def expert_trajectory(env, task, tokenizer, *, hint: bool = False, score: bool = True
@@ -30,15 +21,15 @@ def expert_trajectory(env, task, tokenizer, *, hint: bool = False, score: bool =
     messages = env.gold_messages(task, hint=hint)
     tools = env.reset(task, hint=hint).tools
     eot = end_of_turn_id(tokenizer)
-    full = _render(tokenizer, messages, tools, False)
+    full = render_messages(tokenizer, messages, tools, False)
     traj = Trajectory(task_id=task_id, is_expert=True)
     cursor = 0
     turns = [k for k, m in enumerate(messages) if m.get("role") == "assistant"]
     if not turns:
         raise ValueError(f"task {task_id}: the gold conversation has no assistant turn")
     for k in turns:
-        start = len(_render(tokenizer, messages[:k], tools, True))
-        through = _render(tokenizer, messages[:k + 1], tools, False)
+        start = len(render_messages(tokenizer, messages[:k], tools, True))
+        through = render_messages(tokenizer, messages[:k + 1], tools, False)
         end = max((i + 1 for i in range(start, len(through)) if through[i] == eot), default=None)
         if end is None:
             raise ValueError(f"task {task_id}: the template rendered no end-of-turn token for "

@@ -437,7 +437,7 @@ class Trainer:
 
     def act_on(self, step: int, metrics: dict) -> None:
         """The collapse monitor's verdict and, under `stabilize`, what the trainer does about it."""
-        cfg, mon = self.cfg, self.cfg.monitor
+        mon = self.cfg.monitor
         # Every rank judges rank 0's metrics, so all take the same actions.
         metrics.update(broadcast_object(metrics if self.main else None))
         verdict = self.monitor.update(metrics)
