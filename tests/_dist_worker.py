@@ -23,12 +23,14 @@ from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss
 from fastrl.trainer.distributed import (cleanup, forward_with_head, full_state_dict, global_micro_batches,
                                         idle_forward_backward, init_distributed, is_sharded, shard_trajectories,
                                         wrap_model)
+from fastrl.trainer.checkpoint import export_pretrained, gather_train_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastrl.trainer.update import policy_update
 
 VOCAB = 61
 CONTROL = [57, 58, 59]
 LR = 0.5
 GRAD_CLIP = 0.05         # small enough to clip: clipping must use the global gradient norm
+ADAM_LR = 1e-2
 MICRO_BATCH_TOKENS = 64  # above the longest sequence (50), below a rank's share: several micro-batches
 
 
@@ -85,22 +87,10 @@ def run_step(seed: int, info=None) -> dict:
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-def fsdp_step(seed: int, info=None) -> dict:
-    """Forward/backward of every micro-batch through `forward_with_head`, then one SGD step: with
-    `info` from torchrun on an FSDP2-sharded model and this rank's shard, else plainly on the whole
-    batch. Returns the loss, the global gradient norm and the full weights after the step.
-
-    Rank 0 packs everything into one micro-batch and the others into one per sequence (the loss
-    does not depend on packing), so the ranks have different micro-batch counts to pad."""
-    trajs, _ = build_batch(seed)
-    model = build_model(seed)
-    budget = MICRO_BATCH_TOKENS
-    if info is not None and info.enabled:
-        trajs, _ = shard_trajectories(trajs, info.rank, info.world_size)
-        model = wrap_model(model, info, shard=True)
-        assert is_sharded(model)
-        budget = 4096 if info.rank == 0 else max(len(t) for t in trajs)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+def forward_backward(model, trajs, budget: int) -> torch.Tensor:
+    """The loop policy_update runs for a sharded model (plain models too): every micro-batch's
+    loss through forward_with_head, normalised by the global counts, idle passes up to the most
+    micro-batches any rank has. Returns this rank's loss sum and (own micro-batches, passes run)."""
     cfg = PolicyLossConfig(entropy_coef=0.01, sft_weight=0.5, unlikelihood_weight=0.3)
     batches = pack_micro_batches(SequenceStore.from_trajectories(trajs), budget, VOCAB)
     counts = torch.tensor([sum(int((b.kinds != TokenKind.IGNORE).sum()) for b in batches),
@@ -125,20 +115,75 @@ def fsdp_step(seed: int, info=None) -> dict:
                                  num_tokens=int(counts[0]), num_sequences=int(counts[1]))
         out.loss.backward()
         loss += out.loss.detach().double()
+    return loss, (len(batches), steps)
+
+
+def fsdp_step(seed: int, info=None) -> dict:
+    """Forward/backward of every micro-batch through `forward_with_head`, then one SGD step: with
+    `info` from torchrun on an FSDP2-sharded model and this rank's shard, else plainly on the whole
+    batch. Returns the loss, the global gradient norm and the full weights after the step.
+
+    Rank 0 packs everything into one micro-batch and the others into one per sequence (the loss
+    does not depend on packing), so the ranks have different micro-batch counts to pad."""
+    trajs, _ = build_batch(seed)
+    model = build_model(seed)
+    budget = MICRO_BATCH_TOKENS
+    if info is not None and info.enabled:
+        trajs, _ = shard_trajectories(trajs, info.rank, info.world_size)
+        model = wrap_model(model, info, shard=True)
+        assert is_sharded(model)
+        budget = 4096 if info.rank == 0 else max(len(t) for t in trajs)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    loss, micro_batches = forward_backward(model, trajs, budget)
     if dist.is_initialized():
         dist.all_reduce(loss)       # only the loss: FSDP already summed the gradients
     norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), GRAD_CLIP)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     opt.step()
-    return {"loss": float(loss), "grad_norm": float(norm), "micro_batches": (len(batches), steps),
+    return {"loss": float(loss), "grad_norm": float(norm), "micro_batches": micro_batches,
             "rank0_only_keys": len(full_state_dict(model)),
             "params": {k: v.detach().cpu().clone() for k, v in full_state_dict(model, rank0_only=False).items()}}
+
+
+def adam_step(model, opt, trajs, budget: int = MICRO_BATCH_TOKENS) -> None:
+    forward_backward(model, trajs, budget)
+    opt.step()
+    opt.zero_grad()
+
+
+def fsdp_checkpoint(seed: int, info, out_dir: str) -> dict:
+    """An AdamW step on a sharded model, a checkpoint and an export of it, then a second sharded
+    model (other initial weights, fresh optimizer) restored from the checkpoint; both take one
+    more identical step. Returns the weights after the restore and after those steps."""
+    trajs, _ = build_batch(seed)
+    mine, _ = shard_trajectories(trajs, info.rank, info.world_size)
+    model = wrap_model(build_model(seed), info, shard=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=ADAM_LR)
+    adam_step(model, opt, mine)
+    weights, optim = gather_train_state(model, opt)
+    full = full_state_dict(model)
+    if info.rank == 0:
+        save_checkpoint(out_dir, 1, model=model, optimizer=opt, model_state=weights, optimizer_state=optim)
+        export_pretrained(model, None, Path(out_dir) / "export", state_dict=full)
+    dist.barrier()
+    other = wrap_model(build_model(seed + 1), info, shard=True)
+    opt2 = torch.optim.AdamW(other.parameters(), lr=ADAM_LR)
+    load_checkpoint(latest_checkpoint(out_dir), model=other, optimizer=opt2, restore_rng=False)
+    restored = full_state_dict(other, rank0_only=False)
+    adam_step(model, opt, mine)
+    adam_step(other, opt2, mine)
+    cpu = lambda sd: {k: v.detach().cpu().clone() for k, v in sd.items()}  # noqa: E731
+    return {"restored": cpu(restored), "after_original": cpu(full_state_dict(model, rank0_only=False)),
+            "after_restored": cpu(full_state_dict(other, rank0_only=False))}
 
 
 def main(out_dir: str, seed: int, mode: str = "ddp") -> None:
     info = init_distributed(timeout_s=60)
     try:
-        out = (fsdp_step if mode == "fsdp" else run_step)(seed, info)
+        if mode == "fsdp_checkpoint":
+            out = fsdp_checkpoint(seed, info, out_dir)
+        else:
+            out = (fsdp_step if mode == "fsdp" else run_step)(seed, info)
         out["world_size"] = info.world_size
         torch.save(out, Path(out_dir) / f"rank{info.rank}.pt")
     finally:

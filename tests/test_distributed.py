@@ -100,6 +100,41 @@ def test_fsdp2_sharded_ranks_match_one_process(tmp_path, seed):
         torch.testing.assert_close(r["params"]["lm_head.weight"], r["params"]["model.embed_tokens.weight"])
 
 
+def test_fsdp2_checkpoint_and_export_round_trip(tmp_path, seed):
+    """A sharded run's checkpoint restores weights and AdamW state into other shards (the next
+    step matches the uninterrupted run), loads into one unsharded process (whose step on the whole
+    batch matches too), and its export loads with from_pretrained."""
+    run_torchrun(tmp_path, seed, "fsdp_checkpoint")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    initial = dict(_dist_worker.build_model(seed + 1).named_parameters())
+    for r in ranks:
+        moved = max((r["restored"][k] - initial[k]).abs().max().item() for k in initial)
+        assert moved > 1e-3, "the restore did not change the second model: the check would prove nothing"
+        for k, p in ranks[0]["after_original"].items():
+            torch.testing.assert_close(r["after_restored"][k], p, rtol=0, atol=1e-6,
+                                       msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(r["restored"], ranks[0]["restored"], rtol=0, atol=0)
+
+    # One process, unsharded: same weights, and the optimizer state makes the same next step.
+    from fastrl.trainer.checkpoint import latest_checkpoint, load_checkpoint
+    model = _dist_worker.build_model(seed + 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=_dist_worker.ADAM_LR)
+    load_checkpoint(latest_checkpoint(tmp_path), model=model, optimizer=opt, restore_rng=False)
+    for k, p in model.state_dict().items():
+        torch.testing.assert_close(p, ranks[0]["restored"][k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    assert model.lm_head.weight is model.model.embed_tokens.weight        # still tied
+    trajs, _ = _dist_worker.build_batch(seed)
+    _dist_worker.adam_step(model, opt, trajs)
+    for k, p in model.state_dict().items():
+        torch.testing.assert_close(p, ranks[0]["after_original"][k], rtol=0, atol=1e-6,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+    import transformers
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    for k, p in exported.state_dict().items():
+        torch.testing.assert_close(p, ranks[0]["restored"][k], rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
 class _Seq:
     """A stand-in trajectory: shard_trajectories only needs its length."""
 

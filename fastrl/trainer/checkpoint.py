@@ -3,12 +3,18 @@
 Layout of one checkpoint, `run_dir/checkpoints/step_00000120/`:
 
     model.safetensors   weights (tied/shared tensors stored once, see safetensors' save_model)
-    optimizer.pt        optimizer.state_dict()
+    optimizer.pt        optimizer.state_dict(), or for an FSDP2-sharded model the full state keyed
+                        by parameter name (torch.distributed.checkpoint's get_optimizer_state_dict)
     scheduler.pt        scheduler.state_dict() (when a scheduler is given)
     rng.pt              python / numpy / torch CPU / CUDA generator states
     extra_state.json    the trainer's own state (data position, monitor, config...), or
     extra_state.pt      when it is not plain JSON
     COMPLETE            written last; JSON with the step and file list
+
+An FSDP2-sharded model is gathered first (`gather_train_state`, a collective on every rank) and
+rank 0 writes the same files; `load_checkpoint` on a sharded model reads them on rank 0 and
+broadcasts them into the shards (also a collective). The weights file is the same either way, so a
+sharded run's checkpoint loads into one process and back.
 
 A checkpoint is written into a hidden temp directory next to its final place, every file is
 fsynced, then the directory is renamed into place. A crash at any moment leaves either the
@@ -29,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -134,12 +140,58 @@ def _json_roundtrips(obj: Any) -> bool:
         return False
 
 
+def _is_sharded(model) -> bool:
+    from fastrl.trainer.distributed import is_sharded
+    return is_sharded(model)
+
+
+def _state_dict_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def gather_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                       ) -> tuple[dict, dict | None]:
+    """(full weights, full optimizer state) of an FSDP2-sharded model, on CPU on rank 0 and empty
+    elsewhere. A collective: every rank calls it, then rank 0 passes both to save_checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    opts = _state_dict_options(cpu_offload=True)
+    weights = get_model_state_dict(model, options=opts)
+    optim = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return weights, optim
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """name -> the first name of the same parameter, for every parameter registered twice."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = first.setdefault(id(p), name)
+    return {k: v for k, v in out.items() if k != v}
+
+
+def _save_weights(state: dict, path: Path, metadata: dict) -> None:
+    """A gathered state dict to safetensors, each storage once (tied weights share one)."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key not in seen:
+            seen.add(key)
+            out[k] = v.contiguous()
+    save_file(out, str(path), metadata=metadata)
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None,
                     scheduler: Any | None = None, extra_state: dict | None = None,
-                    keep_last: int | None = 3) -> Path:
+                    keep_last: int | None = 3, model_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """Write a complete checkpoint for `step` atomically and keep the newest `keep_last`
-    (None keeps all). Returns the checkpoint directory."""
+    (None keeps all). Returns the checkpoint directory.
+
+    `model_state` / `optimizer_state` (from `gather_train_state`, for a sharded model) are
+    written instead of `model`'s and `optimizer`'s own state dicts."""
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     if step < 0:
@@ -151,10 +203,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Mo
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}_", dir=root))
     try:
         files = ["model.safetensors"]
-        # save_model stores each shared storage once (tied embeddings) and load_model re-ties
-        save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if model_state is not None:
+            _save_weights(model_state, tmp / "model.safetensors", {"step": str(step)})
+        else:
+            # save_model stores each shared storage once (tied embeddings) and load_model re-ties
+            save_model(model, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        optimizer_format = None
+        if optimizer_state is not None or optimizer is not None:
+            optimizer_format = "by_name" if optimizer_state is not None else "by_index"
+            torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                       tmp / "optimizer.pt")
             files.append("optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -168,7 +226,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Mo
         else:  # tensors, tuples, int keys, NaN...: keep them exact
             torch.save(extra_state, tmp / "extra_state.pt")
             files.append("extra_state.pt")
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}))
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files,
+                                                "optimizer_format": optimizer_format}))
         for name in files + [COMPLETE]:
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
@@ -212,14 +271,29 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    load_model(model, str(path / "model.safetensors"), strict=True,
-               device=str(device) if device.type != "meta" else "cpu")
-    if optimizer is not None:
-        if not (path / "optimizer.pt").is_file():
-            raise FileNotFoundError(f"{path} has no optimizer.pt (saved without an optimizer)")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu",
-                                             weights_only=True))
+    optimizer_format = json.loads((path / COMPLETE).read_text()).get("optimizer_format") or "by_index"
+    if optimizer is not None and not (path / "optimizer.pt").is_file():
+        raise FileNotFoundError(f"{path} has no optimizer.pt (saved without an optimizer)")
+    if _is_sharded(model):
+        _load_sharded(path, model, optimizer, optimizer_format)
+    else:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False,
+                                         device=str(device) if device.type != "meta" else "cpu")
+        # A tied weight may be stored under either of its names (a sharded run stores both).
+        tied = {n for pair in _tied_names(model).items() for n in pair}
+        bad = [k for k in list(missing) + list(unexpected) if k not in tied]
+        if bad:
+            raise ValueError(f"{path / 'model.safetensors'} does not match the model: "
+                             f"missing {[k for k in missing if k in bad]}, "
+                             f"unexpected {[k for k in unexpected if k in bad]}")
+    if optimizer is not None and not _is_sharded(model):
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        if optimizer_format == "by_name":   # written by a sharded run
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, state, options=_state_dict_options())
+        else:
+            optimizer.load_state_dict(state)
     if scheduler is not None:
         if not (path / "scheduler.pt").is_file():
             raise FileNotFoundError(f"{path} has no scheduler.pt (saved without a scheduler)")
@@ -232,11 +306,38 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
     return torch.load(path / "extra_state.pt", map_location="cpu", weights_only=False)
 
 
+def _load_sharded(path: Path, model, optimizer, optimizer_format: str) -> None:
+    """Rank 0 reads the full weights (and optimizer state) and broadcasts them into every rank's
+    shards. A collective: every rank calls it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    if optimizer is not None and optimizer_format != "by_name":
+        raise ValueError(f"{path}: its optimizer state was saved by an unsharded run (keyed by index); "
+                         "an FSDP2-sharded model needs one keyed by parameter name (saved by a sharded run)")
+    opts = _state_dict_options(broadcast_from_rank0=True)
+    weights, optim = {}, {}
+    if dist.get_rank() == 0:
+        weights = load_file(str(path / "model.safetensors"))
+        for name, tied_to in _tied_names(model).items():   # stored once: give both names
+            if name not in weights and tied_to in weights:
+                weights[name] = weights[tied_to]
+            elif tied_to not in weights and name in weights:
+                weights[tied_to] = weights[name]
+        if optimizer is not None:
+            optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_model_state_dict(model, weights, options=opts)
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, optim, options=opts)
+
+
 # ---------------------------------------------------------------- export
 
-def export_pretrained(model: Any, tokenizer: Any | None, out_dir: str | os.PathLike) -> Path:
+def export_pretrained(model: Any, tokenizer: Any | None, out_dir: str | os.PathLike,
+                      state_dict: dict | None = None) -> Path:
     """Save a Hugging Face model (+ tokenizer) with safetensors so that transformers'
-    `from_pretrained` and vLLM load it. Written to a temp dir and renamed into place."""
+    `from_pretrained` and vLLM load it. Written to a temp dir and renamed into place.
+    `state_dict` (the gathered weights of a sharded model, see `full_state_dict`) is saved
+    instead of the model's own."""
     out = Path(out_dir)
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"export_pretrained needs a transformers PreTrainedModel, got "
@@ -244,7 +345,7 @@ def export_pretrained(model: Any, tokenizer: Any | None, out_dir: str | os.PathL
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{out.name}_", dir=out.parent))
     try:
-        model.save_pretrained(tmp)  # safetensors is the default format
+        model.save_pretrained(tmp, state_dict=state_dict)  # safetensors is the default format
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for p in tmp.rglob("*"):

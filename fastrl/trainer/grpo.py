@@ -29,10 +29,11 @@ from fastrl.data.trajectory import Role
 from fastrl.ops import TokenKind
 from fastrl.rollout import SamplingConfig, check_versions, expert_trajectory, generate_episodes, make_engine
 from fastrl.trainer.advantages import group_advantages
-from fastrl.trainer.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
+from fastrl.trainer.checkpoint import (export_pretrained, gather_train_state, latest_checkpoint, load_checkpoint,
+                                      save_checkpoint)
 from fastrl.trainer.config import TrainConfig
 from fastrl.trainer.distributed import (broadcast_object, cleanup, full_state_dict, init_distributed,
-                                        shard_trajectories, wrap_model)
+                                        is_sharded, shard_trajectories, wrap_model)
 from fastrl.trainer.metrics_log import MetricsLogger
 from fastrl.trainer.monitor import CollapseMonitor
 from fastrl.trainer.update import policy_update
@@ -480,14 +481,15 @@ class Trainer:
                        reason=reason)
 
     def checkpoint(self, healthy: bool) -> None:
-        if self.model is not None and hasattr(self.model, "fastrl_forward_with_head"):
-            self.log.event(self.step, "skip", "checkpoints of FSDP2-sharded models are not implemented")
-            return
+        weights = optim = None
+        if is_sharded(self.model):   # gather the shards onto rank 0 (a collective: every rank)
+            weights, optim = gather_train_state(self.model, self.optimizer)
         path = None
         if self.main:      # data parallel: every rank holds the same weights and optimizer state
             path = str(save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
                                        scheduler=self.scheduler, extra_state=self._extra(),
-                                       keep_last=self.cfg.keep_last))
+                                       keep_last=self.cfg.keep_last, model_state=weights,
+                                       optimizer_state=optim))
         path = broadcast_object(path)
         if healthy:
             self.healthy_checkpoint = path
@@ -511,12 +513,10 @@ class Trainer:
 
     def export(self) -> str | None:
         """The trained model as a Hugging Face dir (run_dir/final_model) for transformers and vLLM."""
-        if self.model is not None and hasattr(self.model, "fastrl_forward_with_head"):
-            self.log.event(self.step, "skip", "export of FSDP2-sharded models is not implemented")
-            return None
+        weights = full_state_dict(self.model) if is_sharded(self.model) else None   # collective
         if not self.main:
             return None
-        return str(export_pretrained(self.model, self.tokenizer, self.run_dir / "final_model"))
+        return str(export_pretrained(self.model, self.tokenizer, self.run_dir / "final_model", state_dict=weights))
 
     def close(self) -> None:
         if self.engine is not None:
