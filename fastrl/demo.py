@@ -24,8 +24,12 @@ from fastrl.trainer.metrics_log import read_events, read_metrics
 DEMO_CONFIG = {
     "seed": 0,
     "steps": 12,
-    "sft_warmup_steps": 300,
-    "sft_warmup_lr": 2e-3,
+    # 32 expert trajectories per step with a cosine schedule: the tiny model starts to copy
+    # operands after ~200-300 such steps; fewer per step learns the format but not the numbers.
+    "sft_warmup_steps": 500,
+    "sft_warmup_lr": 3e-3,
+    "sft_warmup_tasks": 32,
+    "sft_warmup_schedule": "cosine",
     "checkpoint_every": 4,
     "model": {"tiny_hidden_size": 128, "tiny_layers": 2},
     "env": {"train_tasks": 2000, "eval_tasks": 48},
@@ -39,7 +43,7 @@ DEMO_CONFIG = {
     "monitor": {"policy": "stabilize"},
 }
 
-QUICK = {"steps": 2, "sft_warmup_steps": 50, "checkpoint_every": 1,
+QUICK = {"steps": 2, "sft_warmup_steps": 50, "sft_warmup_tasks": 8, "checkpoint_every": 1,
          "env": {"train_tasks": 64, "eval_tasks": 6},
          "rollout": {"tasks_per_step": 2, "group_size": 4, "max_new_tokens": 40, "max_turns": 4}}
 
@@ -106,7 +110,7 @@ def run_demo(out_dir=None, quick: bool = False) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     report = [
         "# fastrl demo", "",
-        f"Tiny Qwen2-style model ({cfg.model.tiny_hidden_size} hidden, {cfg.model.tiny_layers} layers) on the "
+        f"Tiny Llama-architecture model ({cfg.model.tiny_hidden_size} hidden, {cfg.model.tiny_layers} layers) on the "
         f"embedded tool-use task; rollout engine {engine_name}; {cfg.sft_warmup_steps} SFT warm-up steps, "
         f"{cfg.steps} GRPO steps (group {cfg.rollout.group_size}, {cfg.rollout.tasks_per_step} tasks per step) "
         f"with synchronous SFT on erroneous tasks (weight {cfg.supervision.sft_weight}), "

@@ -1,9 +1,16 @@
 """An embedded, seeded, offline tool-use environment: arithmetic over a small key-value store.
 
 A task is a left-to-right chain such as `Compute ((red + 12) * owl) - 3`, where `red` and `owl`
-are keys of a per-task store. Tools: `add`, `sub`, `mul` (integers) and `lookup(key)`. The gold
-trajectory looks all keys up in one turn (parallel calls), then does one operation per turn,
-then answers `<answer>N</answer>`. Difficulty = number of tool calls in the gold trajectory.
+are keys of a per-task store. Tools: `add`, `sub`, `mul`, whose operands are integers or store
+keys (the tool reads a key's value), and `lookup(key)`. The gold trajectory does one operation
+per turn, each on the previous result, then answers `<answer>N</answer>`; a task of difficulty 1
+is either one operation or a single lookup. Difficulty = number of tool calls in the gold
+trajectory.
+
+Why operands may be keys: every argument of the gold trajectory is then either a literal of the
+question or the previous tool result, which a small model can learn to copy within the CPU demo's
+budget; resolving keys through separate lookups first would need a key -> value mapping across
+turns that a tiny model does not pick up in minutes.
 
 Splits (tasks are assigned to train or test by a hash of their content, so the two never share
 a task whatever the seeds):
@@ -12,8 +19,13 @@ a task whatever the seeds):
     test           same distribution as train, disjoint tasks
     content_shift  operands 100-999 and 5-6 calls (unseen ranges, more steps), Hermes syntax
     format_shift   test-like content; calls use `<function=name>{json args}</function>`, described
-                   in the system prompt (state.tools is None: the chat template's Hermes tool
-                   block is not used), and the env parses that syntax
+                   in the system prompt, and the env parses that syntax
+
+Where the tools are described (`SyntheticConfig.tool_specs`): "prompt" (default) names them in
+the one-line system prompt (plus how to call them in a non-Hermes syntax), which keeps episodes
+short; "template" passes the JSON specs to the chat template (`apply_chat_template(tools=...)`,
+Hermes tasks) or writes them into the system prompt (format_shift), as a production model would
+see them.
 
 Each task carries a hint (solution path + required format) for hint-based guidance.
 """
@@ -35,46 +47,48 @@ KEYS = ("red blue green yellow orange purple black white gray pink brown cyan ap
         "grape lemon lime mango peach cherry melon kiwi fig cat dog fox owl bee ant cow pig hen "
         "yak elk emu").split()
 OPS = {"add": "+", "sub": "-", "mul": "*"}
-SYSTEM_PROMPT = ("You are a careful calculator assistant. Use the tools for every lookup and "
-                 "every arithmetic step; never compute in your head. Lookups that do not depend on "
-                 "each other can go in the same turn. When you have the result, reply with only "
-                 "<answer>NUMBER</answer>.")
+# Short on purpose: every prompt token is paid for in every rollout and every training row.
+SYSTEM_PROMPT = ("Calculator. Tools: add, sub, mul (a and b are integers or store keys), "
+                 "lookup(key). One call per turn, then <answer>NUMBER</answer>.")
+_APPLY = {"add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b}
 
 
-@tool
-def add(a: int, b: int) -> int:
-    """Add two integers.
+def make_tools(store: dict[str, int]) -> list:
+    """The task's four tools, bound to its store."""
+    def value(x: int | str) -> int:
+        if isinstance(x, str):
+            if x not in store:
+                raise KeyError(f"no key {x!r} in the store")
+            return store[x]
+        return x
 
-    Args:
-        a: First operand.
-        b: Second operand.
-    """
-    return a + b
+    def add(a: int | str, b: int | str) -> int:
+        """Add two numbers.
 
+        Args:
+            a: An integer or a store key.
+            b: An integer or a store key.
+        """
+        return value(a) + value(b)
 
-@tool
-def sub(a: int, b: int) -> int:
-    """Subtract b from a.
+    def sub(a: int | str, b: int | str) -> int:
+        """Subtract b from a.
 
-    Args:
-        a: The minuend.
-        b: The subtrahend.
-    """
-    return a - b
+        Args:
+            a: An integer or a store key.
+            b: An integer or a store key.
+        """
+        return value(a) - value(b)
 
+    def mul(a: int | str, b: int | str) -> int:
+        """Multiply two numbers.
 
-@tool
-def mul(a: int, b: int) -> int:
-    """Multiply two integers.
+        Args:
+            a: An integer or a store key.
+            b: An integer or a store key.
+        """
+        return value(a) * value(b)
 
-    Args:
-        a: First factor.
-        b: Second factor.
-    """
-    return a * b
-
-
-def make_lookup(store: dict[str, int]):
     def lookup(key: str) -> int:
         """Get the value stored under a key of the key-value store.
 
@@ -84,7 +98,8 @@ def make_lookup(store: dict[str, int]):
         if key not in store:
             raise KeyError(f"no key {key!r} in the store")
         return store[key]
-    return tool(lookup)
+
+    return [tool(f) for f in (add, sub, mul, lookup)]
 
 
 @dataclass
@@ -117,6 +132,11 @@ class SyntheticConfig:
     weights: RewardWeights = field(default_factory=RewardWeights)
     tool_timeout_s: float = 2.0
     max_output_chars: int = 2000
+    tool_specs: str = "prompt"     # "prompt" (one line) or "template" (JSON specs); see the module doc
+
+    def __post_init__(self):
+        if self.tool_specs not in ("prompt", "template"):
+            raise ValueError(f"tool_specs must be 'prompt' or 'template', got {self.tool_specs!r}")
 
 
 def _split_params(split: str) -> tuple[tuple[int, int], tuple[int, int], str]:
@@ -143,18 +163,17 @@ def _expr(start: int | str, ops: list[tuple[str, int | str]]) -> str:
 
 
 def _sample(rng: random.Random, difficulty: int, lo: int, hi: int):
-    """A chain whose gold trajectory uses exactly `difficulty` tool calls."""
-    if difficulty == 1:
-        n_keys = rng.randint(0, 1)
-        n_ops = 1 - n_keys
+    """A chain whose gold trajectory uses exactly `difficulty` tool calls: `difficulty`
+    operations, or for difficulty 1 sometimes a single lookup (no operations)."""
+    if difficulty == 1 and rng.random() < 0.5:
+        keys, ops_n = rng.sample(KEYS, 1), 0
     else:
-        n_keys = rng.randint(0, min(2, difficulty - 1))
-        n_ops = difficulty - n_keys
-    keys = rng.sample(KEYS, n_keys)
-    operands: list[int | str] = [rng.randint(lo, hi) for _ in range(n_ops + 1)]
-    for key, pos in zip(keys, rng.sample(range(n_ops + 1), n_keys)):
+        ops_n = difficulty
+        keys = rng.sample(KEYS, rng.randint(0, min(2, difficulty)))
+    operands: list[int | str] = [rng.randint(lo, hi) for _ in range(ops_n + 1)]
+    for key, pos in zip(keys, rng.sample(range(ops_n + 1), len(keys))):
         operands[pos] = key
-    if n_ops == 0:
+    if ops_n == 0:
         operands = keys[:1]
     ops = [(rng.choice(list(OPS)), x) for x in operands[1:]]
     distractors = rng.sample([k for k in KEYS if k not in keys], rng.randint(2, 4))
@@ -183,20 +202,21 @@ def _gold(task: SyntheticTask, syntax: CallSyntax) -> tuple[list[dict], list[str
                 {"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]}
         return {"role": "assistant", "content": syntax.render_turn(calls)}
 
-    keys = task.keys
-    if keys:
-        msgs.append(assistant([("lookup", {"key": k}) for k in keys]))
-        msgs += [{"role": "tool", "name": "lookup", "content": str(task.store[k])} for k in keys]
-        path.append("lookup " + ", ".join(keys))
     value = lambda x: task.store[x] if isinstance(x, str) else x  # noqa: E731
-    acc = value(task.start)
-    acc_name = str(task.start)
-    for op, x in task.ops:
-        msgs.append(assistant([(op, {"a": acc, "b": value(x)})]))
-        acc = {"add": acc + value(x), "sub": acc - value(x), "mul": acc * value(x)}[op]
-        msgs.append({"role": "tool", "name": op, "content": str(acc)})
-        path.append(f"{op}(a={acc_name}, b={x})")
-        acc_name = "result"
+    if not task.ops:                       # a single lookup
+        key = task.start
+        msgs.append(assistant([("lookup", {"key": key})]))
+        msgs.append({"role": "tool", "name": "lookup", "content": str(task.store[key])})
+        path.append(f"lookup(key={key})")
+        acc = task.store[key]
+    else:
+        acc, arg = value(task.start), task.start     # arg: what the call passes (a literal or the last result)
+        for k, (op, x) in enumerate(task.ops):
+            msgs.append(assistant([(op, {"a": arg, "b": x})]))
+            acc = _APPLY[op](acc, value(x))
+            msgs.append({"role": "tool", "name": op, "content": str(acc)})
+            path.append(f"{op}(a={arg if k == 0 else 'result'}, b={x})")
+            arg = acc
     msgs.append({"role": "assistant", "content": f"<answer>{acc}</answer>"})
     return msgs, path
 
@@ -240,7 +260,7 @@ def make_tasks(split: str, n: int, *, seed: int = 0,
         call_how = ("<tool_call> tags" if syntax is HERMES
                     else "<function=NAME>{json}</function>")
         task.hint = (f"Solution path: {'; '.join(path)}. Call tools with {call_how}, one step per "
-                     f"turn (lookups together), then reply with <answer>NUMBER</answer>.")
+                     f"turn, then reply with <answer>NUMBER</answer>.")
         task.gold_messages = gold
         tasks.append(task)
     return tasks
@@ -256,16 +276,20 @@ class SyntheticEnv:
 
     def registry(self, task: SyntheticTask) -> ToolRegistry:
         reg = ToolRegistry()
-        for t in (add, sub, mul, make_lookup(task.store)):
+        for t in make_tools(task.store):
             reg.register(t)
         return reg
 
     def system_prompt(self, task: SyntheticTask, hint: bool = False) -> str:
         text = SYSTEM_PROMPT
+        syntax = SYNTAXES[task.syntax]
+        if task.syntax != "hermes":          # Hermes is the chat template's own call format
+            if self.config.tool_specs == "prompt":
+                text += "\n" + syntax.instructions()
+            else:
+                text += "\n\n" + _tools_block(self.registry(task).specs(), syntax)
         if hint:
             text += "\n\nHint: " + task.hint
-        if task.syntax != "hermes":
-            text += "\n\n" + _tools_block(self.registry(task).specs(), SYNTAXES[task.syntax])
         return text
 
     def prompt_messages(self, task: SyntheticTask, hint: bool = False) -> list[dict]:
@@ -274,7 +298,9 @@ class SyntheticEnv:
 
     def tools(self, task: SyntheticTask) -> list[dict] | None:
         """Specs for apply_chat_template; None where the system prompt describes the tools."""
-        return self.registry(task).specs() if task.syntax == "hermes" else None
+        if self.config.tool_specs == "template" and task.syntax == "hermes":
+            return self.registry(task).specs()
+        return None
 
     def gold_messages(self, task: SyntheticTask, hint: bool = False) -> list[dict]:
         """The full expert conversation (prompt + gold turns), ready for the chat template."""

@@ -1,8 +1,10 @@
-"""A tiny randomly initialised Qwen2 model plus the in-code tokenizer, saved in Hugging Face format.
+"""A tiny randomly initialised Llama model plus the in-code tokenizer, saved in Hugging Face format.
 
 Used by tests, demos and CPU benchmarks: nothing is downloaded, and the same directory loads in
-`AutoModelForCausalLM`, `AutoTokenizer` and vLLM. Defaults (2 layers, hidden 128, 4 heads of
-head_dim 32, ~0.5M parameters) SFT on 2 CPU cores in about a minute.
+`AutoModelForCausalLM`, `AutoTokenizer` and vLLM. The architecture is Llama's (Qwen2's without
+the QKV bias) rather than Qwen2's because a `qwen2` model type makes AutoTokenizer replace the
+tokenizer's number-chunking pre-tokenizer (see fastrl.models.tokenizer). Defaults (2 layers,
+hidden 128, 4 heads of head_dim 32, ~0.7M parameters) SFT on 2 CPU cores in minutes.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from fastrl.models.tokenizer import EOS_TOKEN, PAD_TOKEN, build_tokenizer
 
@@ -20,7 +22,7 @@ class TinyModelConfig:
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4          # head_dim = hidden_size / num_heads = 32 (a size vLLM supports)
-    num_kv_heads: int = 2       # grouped-query attention, as in Qwen2
+    num_kv_heads: int = 2       # grouped-query attention, as in Qwen2 and Llama 3
     intermediate_size: int = 352
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = True
@@ -39,9 +41,9 @@ class TinyModelConfig:
                 raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
 
 
-def qwen2_config(vocab_size: int, eos_id: int, pad_id: int, cfg: TinyModelConfig) -> Qwen2Config:
+def tiny_config(vocab_size: int, eos_id: int, pad_id: int, cfg: TinyModelConfig) -> LlamaConfig:
     padded = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-    return Qwen2Config(
+    return LlamaConfig(
         vocab_size=padded,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -54,6 +56,8 @@ def qwen2_config(vocab_size: int, eos_id: int, pad_id: int, cfg: TinyModelConfig
         bos_token_id=None,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
+        attention_bias=False,
+        mlp_bias=False,
         torch_dtype="float32",
     )
 
@@ -63,7 +67,7 @@ def build_tiny_model(output_dir: str | os.PathLike, *, vocab: list[str] | tuple[
                      num_kv_heads: int = 2, intermediate_size: int = 352,
                      tie_word_embeddings: bool = True, max_position_embeddings: int = 4096,
                      seed: int = 0) -> str:
-    """Write a random Qwen2ForCausalLM, its tokenizer (with `vocab` as extra whole-word tokens)
+    """Write a random LlamaForCausalLM, its tokenizer (with `vocab` as extra whole-word tokens)
     and a generation config to output_dir; returns the directory as a string."""
     cfg = TinyModelConfig(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                           num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
@@ -73,12 +77,12 @@ def build_tiny_model(output_dir: str | os.PathLike, *, vocab: list[str] | tuple[
     tokenizer = build_tokenizer(extra_words=vocab)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
-    config = qwen2_config(len(tokenizer), eos_id, pad_id, cfg)
+    config = tiny_config(len(tokenizer), eos_id, pad_id, cfg)
 
     # Same seed -> same weights, independent of the caller's global RNG state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=[eos_id, pad_id], pad_token_id=pad_id,
                                                bos_token_id=None)
 
@@ -89,4 +93,4 @@ def build_tiny_model(output_dir: str | os.PathLike, *, vocab: list[str] | tuple[
     return out
 
 
-__all__ = ["TinyModelConfig", "build_tiny_model", "qwen2_config"]
+__all__ = ["TinyModelConfig", "build_tiny_model", "tiny_config"]

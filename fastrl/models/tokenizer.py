@@ -2,9 +2,16 @@
 
 Why byte-level BPE: every ASCII string (JSON, numbers, error messages, other call syntaxes)
 encodes and decodes exactly, with no unknown token. The normaliser and pre-tokenizer are Qwen2's,
-because AutoTokenizer rebuilds a `qwen2` model's tokenizer with them. The merges are written by
-hand from a word list (tool names, JSON keys, template words, a few English words), so common
-words are single tokens and the vocabulary stays small (~1.4k). Digits are always split one per token, which suits arithmetic.
+except that numbers split into chunks of up to three digits (as in the Llama 3 and GPT-4
+tokenizers) instead of single digits: every 1-3 digit chunk is one token, so copying an operand
+or a tool result is a copy of one to four tokens, which the tiny model learns within the CPU
+demo's budget (digit by digit it does not). The merges are written by hand from a word list
+(tool names, JSON keys, template words, a few English words), so common words are single tokens
+and the vocabulary stays small (~2.5k).
+
+The tokenizer is saved as a generic `TokenizersBackend` (tokenizer.json loaded verbatim); a
+`qwen2` model type would make AutoTokenizer (and so vLLM) rebuild it with Qwen2's single-digit
+split, which is why the tiny model is a Llama (Qwen2 without the QKV bias).
 
 Control tokens are added tokens (one id each, never split by BPE). `<|im_start|>`, `<|im_end|>`
 and `<|endoftext|>` are marked special; the tool/answer tags are not, as in Qwen2.5: a decode with
@@ -15,7 +22,12 @@ from __future__ import annotations
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT_REGEX
+
+# Qwen2's split regex, with numbers in runs of up to three digits (Qwen2 has `\p{N}` alone).
+SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Every chunk the split can produce, leading zeros included ("082" in 896302414082); 0-9 are bytes.
+NUMBER_TOKENS = [f"{i:02d}" for i in range(100)] + [f"{i:03d}" for i in range(1000)]
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -49,6 +61,8 @@ sum difference product First Second operand minuend subtrahend factor Returns re
 red blue green yellow orange purple black white gray pink brown cyan
 apple pear plum grape lemon lime mango peach cherry melon kiwi fig
 cat dog fox owl bee ant cow pig hen yak elk emu
+Do do every step steps per turn turns then only integers numbers keys gives give Add Subtract
+Multiply Get An Calculator calculator One NUMBER that those values What b
 """.split()
 # Punctuation runs that the pre-tokenizer keeps together.
 BASE_SYMBOLS = ['{"', '":', '",', '"}', '}}', '"},', '}]', '[{"', '":{"', '"]', ' {"', ' [', ' "',
@@ -159,17 +173,15 @@ def build_tokenizer(extra_words: list[str] | tuple[str, ...] = ()) -> PreTrained
     words = list(BASE_WORDS) + list(extra_words)
     # Qwen2's pre-tokenizer attaches one leading non-letter (space, quote, '<') to a word.
     pieces = [_byte_level(prefix + w) for w in words for prefix in ("", " ", '"', "<", "/")]
-    pieces += [_byte_level(s) for s in BASE_SYMBOLS]
+    pieces += [_byte_level(s) for s in BASE_SYMBOLS] + NUMBER_TOKENS
     pieces = [p for p in pieces if len(p) > 1]
     vocab, merges = _vocab_and_merges(pieces)
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    # Exactly Qwen2's pipeline: AutoTokenizer rebuilds a `qwen2` model's tokenizer with it, so
-    # any other choice would tokenize differently once saved and reloaded. Its split regex
-    # isolates single digits, so numbers tokenize digit by digit.
+    # Qwen2's pipeline with 1-3 digit number chunks (see the module docstring).
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()

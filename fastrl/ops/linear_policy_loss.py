@@ -265,7 +265,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         x = x_all[start:end]
         y = y_all[start:end]
         logits = logits_fp32(x if w_mm.dtype == x.dtype else x.to(w_mm.dtype), w_mm)
-        lse, ent, ez, zy = softmax_row_stats(logits, y, inv_tau, backend)
+        lse, ent, _, zy = softmax_row_stats(logits, y, inv_tau, backend)
         if k:
             ctrl_a[start:end] = logits[:, control] * inv_tau - lse[:, None]
         logp = (zy - lse).requires_grad_(True)
@@ -284,7 +284,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         if need_dx or need_dw:
             g_y = torch.zeros_like(lse) if g_y is None else g_y
             g_h = torch.zeros_like(lse) if g_h is None else g_h
-            dz = logits_grad(logits, lse, g_h * ez - g_y, -g_h, y, g_y, inv_tau, hidden.dtype, backend)
+            dz = logits_grad(logits, lse, -g_h * ent - g_y, -g_h, y, g_y, inv_tau, hidden.dtype, backend)
             if need_dx:
                 dx_a[start:end] = dz @ w
             if need_dw:

@@ -153,20 +153,20 @@ def softmax_row_stats(logits32, targets, inv_tau: float, backend: str):
 
 
 def logits_grad(logits32, lse, a, b, targets, g_y, inv_tau: float, out_dtype, backend: str):
-    """dL/dlogits = inv_tau (p (a + b z) + g_y [j == y]) in out_dtype (in place when fp32)."""
+    """dL/dlogits = inv_tau (p (a + b (z - lse)) + g_y [j == y]) in out_dtype (in place when fp32)."""
     if backend == "triton":
         from fastrl.kernels.logits_grad import logits_grad as kernel
 
         out = logits32 if out_dtype == torch.float32 else torch.empty_like(logits32, dtype=out_dtype)
         rows = [t.contiguous() for t in (lse, a, b, targets, g_y)]  # the kernel reads them with stride 1
         return kernel(logits32, *rows, inv_tau, out=out)
-    z = logits32 * inv_tau
-    dz = torch.exp(z - lse[:, None]) * (a[:, None] + b[:, None] * z)
+    d = logits32 * inv_tau - lse[:, None]
+    dz = torch.exp(d) * (a[:, None] + b[:, None] * d)
     dz.scatter_add_(1, targets[:, None], g_y[:, None])
     return (dz * inv_tau).to(out_dtype)
 
 
-def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, lse, expected_z,
+def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, lse, entropy,
                                g_y, g_h, g_c, backend, workspace_bytes, need_dx=True, need_dw=True):
     """dX, dW of a loss with upstream g_y (log p_y), g_h (entropy), g_c [n, K] (log p_c).
 
@@ -180,14 +180,19 @@ def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, ls
     if n == 0:
         return dx, (dw32.to(weight.dtype) if need_dw else None)
     extra = 0 if hidden.dtype == torch.float32 else hidden.element_size()
-    rows = rows_per_chunk(vocab, 4 + extra, workspace_bytes)
-    a_all = g_h * expected_z - g_y - (g_c.sum(dim=1) if g_c.numel() else 0.0)
+    # One more fp32 chunk buffer: lse is recomputed from the chunk's own logits (below).
+    rows = rows_per_chunk(vocab, 8 + extra, workspace_bytes)
+    a_all = -g_h * entropy - g_y - (g_c.sum(dim=1) if g_c.numel() else 0.0)
     b_all = -g_h
     for start in range(0, n, rows):
         end = min(start + rows, n)
         x = hidden[start:end]
         logits = logits_fp32(x, weight)
-        dz = logits_grad(logits, lse[start:end], a_all[start:end], b_all[start:end],
+        # lse of these very logits, not the forward's: the softmax terms of dz must sum to zero
+        # over the vocabulary, else a bias-like weight column (|w| ~ 25) turns the forward/backward
+        # GEMM rounding gap (~1 ulp of lse) into dX errors of 5e-4 of the largest gradient.
+        lse_chunk = torch.logsumexp(logits * inv_tau, dim=1)
+        dz = logits_grad(logits, lse_chunk, a_all[start:end], b_all[start:end],
                          targets[start:end], g_y[start:end], inv_tau, hidden.dtype, backend)
         if control_ids.numel():
             dz[:, control_ids] += (g_c[start:end] * inv_tau).to(dz.dtype)
@@ -221,28 +226,28 @@ def _forward_stats(hidden, weight, targets, inv_tau, backend, workspace_bytes):
 class _LinearTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, control_ids, inv_tau, backend, workspace_bytes):
-        lse, entropy, expected_z, z_target = _forward_stats(hidden, weight, targets, inv_tau, backend,
+        lse, entropy, _, z_target = _forward_stats(hidden, weight, targets, inv_tau, backend,
                                                             workspace_bytes)
         logprobs = z_target - lse
         if control_ids.numel():
             control_logprobs = logits_fp32(hidden, weight[control_ids]) * inv_tau - lse[:, None]
         else:
             control_logprobs = hidden.new_zeros((hidden.shape[0], 0), dtype=torch.float32)
-        ctx.save_for_backward(hidden, weight, targets, control_ids, lse, expected_z)
+        ctx.save_for_backward(hidden, weight, targets, control_ids, lse, entropy)
         ctx.inv_tau, ctx.backend, ctx.workspace_bytes = inv_tau, backend, workspace_bytes
         ctx.mark_non_differentiable(lse)
         return logprobs, entropy, control_logprobs, lse
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, g_ctrl, _g_lse):
-        hidden, weight, targets, control_ids, lse, expected_z = ctx.saved_tensors
+        hidden, weight, targets, control_ids, lse, entropy = ctx.saved_tensors
         n = hidden.shape[0]
         zeros = lse.new_zeros(n)
         g_y = zeros if g_logp is None else g_logp.float()
         g_h = zeros if g_ent is None else g_ent.float()
         g_c = (lse.new_zeros((n, control_ids.numel())) if g_ctrl is None else g_ctrl.float())
         dx, dw = linear_grads_from_upstream(
-            hidden, weight, targets, control_ids, ctx.inv_tau, lse, expected_z, g_y, g_h, g_c,
+            hidden, weight, targets, control_ids, ctx.inv_tau, lse, entropy, g_y, g_h, g_c,
             ctx.backend, ctx.workspace_bytes,
             need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
         return dx, dw, None, None, None, None, None

@@ -115,6 +115,8 @@ class TrainConfig:
     steps: int = 20                    # RL steps
     sft_warmup_steps: int = 0          # SFT steps on expert trajectories before RL
     sft_warmup_lr: float = 3e-3
+    sft_warmup_tasks: int | None = None  # expert trajectories per warm-up step (None: rollout.tasks_per_step)
+    sft_warmup_schedule: str = "constant"  # constant | cosine (5% linear warm-up, then down to 10%)
     checkpoint_every: int = 10
     keep_last: int = 3
     tensorboard: bool = False
@@ -135,3 +137,7 @@ class TrainConfig:
                              f"rollout.group_size ({g})")
         if self.steps < 0 or self.sft_warmup_steps < 0:
             raise ValueError("steps and sft_warmup_steps must be >= 0")
+        if self.sft_warmup_schedule not in ("constant", "cosine"):
+            raise ValueError(f"sft_warmup_schedule must be constant or cosine, got {self.sft_warmup_schedule!r}")
+        if self.sft_warmup_tasks is not None and self.sft_warmup_tasks < 1:
+            raise ValueError(f"sft_warmup_tasks must be >= 1 (or null), got {self.sft_warmup_tasks}")

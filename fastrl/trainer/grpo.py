@@ -149,6 +149,19 @@ def make_scheduler(optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def sft_warmup_lr(cfg: TrainConfig, done: int) -> float:
+    """Learning rate of SFT warm-up step `done` (0-based): constant, or a 5% linear warm-up then a
+    cosine decay to 10% of sft_warmup_lr at the last step."""
+    if cfg.sft_warmup_schedule == "constant":
+        return cfg.sft_warmup_lr
+    total = cfg.sft_warmup_steps
+    warm = max(1, round(0.05 * total))
+    if done < warm:
+        return cfg.sft_warmup_lr * (done + 1) / warm
+    progress = (done - warm) / max(1, total - warm - 1)
+    return cfg.sft_warmup_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
 def sampling_for(cfg: TrainConfig, step: int, *, n=None, hinted=0, greedy=False) -> SamplingConfig:
     r = cfg.rollout
     return SamplingConfig(n=r.group_size if n is None else n, temperature=0.0 if greedy else r.temperature,
@@ -314,9 +327,10 @@ class Trainer:
                              micro_batch_tokens=self.cfg.optim.micro_batch_tokens, grad_clip=self.cfg.optim.grad_clip,
                              on_policy=flags, **kw)
 
-    def _tasks_for_step(self, step: int) -> list:
-        """A seeded permutation per epoch, so the task stream is a function of the step (resumable)."""
-        n, per = len(self.train_tasks), self.cfg.rollout.tasks_per_step
+    def _tasks_for_step(self, step: int, per: int | None = None) -> list:
+        """A seeded permutation per epoch, so the task stream is a function of the step (resumable).
+        `per` tasks per step (default rollout.tasks_per_step)."""
+        n, per = len(self.train_tasks), per or self.cfg.rollout.tasks_per_step
         out = []
         for i in range(step * per, (step + 1) * per):
             epoch, pos = divmod(i, n)
@@ -343,8 +357,8 @@ class Trainer:
             return
         while self.sft_done < cfg.sft_warmup_steps:
             # Its own stretch of the seeded task stream, far from the RL steps'.
-            tasks = self._tasks_for_step(SFT_TASK_STREAM + self.sft_done)
-            r = self._sft_step(tasks, cfg.sft_warmup_lr)
+            tasks = self._tasks_for_step(SFT_TASK_STREAM + self.sft_done, cfg.sft_warmup_tasks)
+            r = self._sft_step(tasks, sft_warmup_lr(cfg, self.sft_done))
             self.sft_done += 1
             self.log.event(0, "sft_warmup", f"SFT warm-up step {self.sft_done}: loss {r.loss:.4f}",
                            loss=r.loss, echo=self.sft_done % 25 == 0 or self.sft_done == cfg.sft_warmup_steps)
