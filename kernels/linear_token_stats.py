@@ -93,7 +93,7 @@ def _default_config(hidden: torch.Tensor) -> dict:
 
 
 def merge_split_stats(m, s, u, zy):
-    """Merge per-split (m, s, u, zy) [num_splits, N] into lse, entropy, E_p[z], z_target [N]."""
+    """Merge per-split (m, s, u, zy) [num_splits, N] into lse, entropy, z_target [N]."""
     m_all = m.max(dim=0).values
     alpha = torch.exp(m - m_all)
     s_all = (alpha * s).sum(dim=0)
@@ -102,13 +102,12 @@ def merge_split_stats(m, s, u, zy):
     mean_shift = u_all / s_all            # E_p[z] - m
     lse = m_all + log_s
     entropy = log_s - mean_shift
-    expected_z = m_all + mean_shift
-    return lse, entropy, expected_z, zy.sum(dim=0)
+    return lse, entropy, zy.sum(dim=0)
 
 
 def linear_stats_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                      inv_tau: float, num_splits: int | None = None, **config):
-    """lse, entropy, E_p[z] and z_target (fp32, [N]) of z = hidden @ weight^T * inv_tau.
+    """lse, entropy and z_target (fp32, [N]) of z = hidden @ weight^T * inv_tau.
 
     Every target must be a valid column: the caller selects loss rows first.
     """

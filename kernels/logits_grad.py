@@ -5,8 +5,9 @@ for the entropy, folded into a = -g_y - sum_c g_c - g_H H and b = -g_H, using E_
 
     dL/dlogits_j = inv_tau * (p_j (a + b d_j) + g_y [j == y])
 
-Why d and not z: the entropy term p_j g_H (E_p[d] - d_j) cancels; in z (|z| ~ 50 for a model with
-a bias-like weight column) fp32 rounding of E_p[z] - z_j left errors of 5e-4 of the largest dX.
+Why d and not z: the entropy is all a row needs (no E_p[z]), and the cancellation in the entropy
+term p_j g_H (E_p[d] - d_j) happens at the scale of log p, not of z (|z| ~ 50 with a bias-like
+weight column). Callers pass the lse of these very logits, so the p_j sum to one.
 
 Control-token terms (g_c [j == c]) are added by the caller on K columns. The kernel is purely
 elementwise over (row, vocabulary tile), so its grid covers both and it reads each logit once.

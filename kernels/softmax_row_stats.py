@@ -2,7 +2,7 @@
 keeps one bounded token chunk of logits to form gradients in the same call).
 
 One program per row walks the vocabulary in BLOCK_V tiles with the online (m, s, u) update of
-kernels/linear_token_stats.py and returns lse, entropy, E_p[z] and z_target of z = logits * inv_tau.
+kernels/linear_token_stats.py and returns lse, entropy and z_target of z = logits * inv_tau.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import triton.language as tl
 
 @triton.jit
 def _softmax_row_stats_kernel(
-    LOGITS, Y, LSE, ENT, EZ, ZY,
+    LOGITS, Y, LSE, ENT, ZY,
     V, stride_row, inv_tau,
     BLOCK_V: tl.constexpr,
 ):
@@ -49,22 +49,20 @@ def _softmax_row_stats_kernel(
     s_row = tl.sum(alpha * s, axis=0)
     u_row = tl.sum(alpha * (u + shift * s), axis=0)
     log_s = tl.log(s_row)
-    mean_shift = u_row / s_row
     tl.store(LSE + row, m_row + log_s)
-    tl.store(ENT + row, log_s - mean_shift)
-    tl.store(EZ + row, m_row + mean_shift)
+    tl.store(ENT + row, log_s - u_row / s_row)
     tl.store(ZY + row, tl.sum(zy, axis=0))
 
 
 def softmax_row_stats(logits: torch.Tensor, targets: torch.Tensor, inv_tau: float):
-    """lse, entropy, E_p[z], z_target (fp32 [n]) of z = logits * inv_tau; logits [n, V] row-major."""
+    """lse, entropy, z_target (fp32 [n]) of z = logits * inv_tau; logits [n, V] row-major."""
     n, v = logits.shape
     assert logits.stride(1) == 1
-    out = torch.empty((4, n), device=logits.device, dtype=torch.float32)
+    out = torch.empty((3, n), device=logits.device, dtype=torch.float32)
     block_v = 1024 if logits.is_cuda else 256
     _softmax_row_stats_kernel[(n,)](
-        logits, targets, out[0], out[1], out[2], out[3],
+        logits, targets, out[0], out[1], out[2],
         v, logits.stride(0), float(inv_tau),
         BLOCK_V=block_v, num_warps=4 if logits.is_cuda else 1,
     )
-    return out[0], out[1], out[2], out[3]
+    return out[0], out[1], out[2]

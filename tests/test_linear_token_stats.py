@@ -67,12 +67,13 @@ def test_forward_and_gradients_match_float64_reference(backend, shape, temperatu
     ignored = y == -100
     assert (out.logprobs[ignored] == 0).all()
     assert (xx.grad[ignored] == 0).all()
-    # Relative to the largest gradient: the bias-like column (all logits negative) amplifies any
-    # inconsistency between lse and the backward's logits by |w| ~ 25 (an lse taken from the
-    # forward GEMM gave 7e-4 here); an fp32 materialising reference lands within ~2e-5.
+    # Relative to the largest gradient: the bias-like column (all logits negative) amplifies fp32
+    # rounding of the closed form's sum over the vocabulary by |w| ~ 25. Over 40 seeds x shapes x
+    # temperatures both backends stay within 1.4e-4 (an lse taken from the forward GEMM instead
+    # of the backward's logits gave 7e-4); an fp32 materialising reference lands within ~2e-5.
     scale_x, scale_w = xr.grad.abs().max(), wr.grad.abs().max()
-    torch.testing.assert_close(xx.grad.double() / scale_x, xr.grad / scale_x, rtol=0, atol=1e-4)
-    torch.testing.assert_close(ww.grad.double() / scale_w, wr.grad / scale_w, rtol=0, atol=1e-4)
+    torch.testing.assert_close(xx.grad.double() / scale_x, xr.grad / scale_x, rtol=0, atol=3e-4)
+    torch.testing.assert_close(ww.grad.double() / scale_w, wr.grad / scale_w, rtol=0, atol=3e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -95,9 +95,7 @@ def make_tools(store: dict[str, int]) -> list:
         Args:
             key: The key to look up.
         """
-        if key not in store:
-            raise KeyError(f"no key {key!r} in the store")
-        return store[key]
+        return value(key)
 
     return [tool(f) for f in (add, sub, mul, lookup)]
 

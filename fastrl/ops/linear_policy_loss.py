@@ -265,7 +265,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         x = x_all[start:end]
         y = y_all[start:end]
         logits = logits_fp32(x if w_mm.dtype == x.dtype else x.to(w_mm.dtype), w_mm)
-        lse, ent, _, zy = softmax_row_stats(logits, y, inv_tau, backend)
+        lse, ent, zy = softmax_row_stats(logits, y, inv_tau, backend)
         if k:
             ctrl_a[start:end] = logits[:, control] * inv_tau - lse[:, None]
         logp = (zy - lse).requires_grad_(True)

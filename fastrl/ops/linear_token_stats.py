@@ -8,8 +8,9 @@
 
 Never materialises the [N, V] logits. Forward: the fused Triton kernel (GPU, or CPU under
 TRITON_INTERPRET=1) or token chunks of logits on the torch backend. Backward recomputes logits
-chunk by chunk (workspace-bounded) and applies the closed-form logit gradient
-dz = p (a + b z) + sparse terms, so it needs only lse and E_p[z] per row from the forward.
+chunk by chunk (workspace-bounded), takes each chunk's lse from those logits, and applies the
+closed-form logit gradient dz = p (a + b log p) + sparse terms, which needs only the entropy per
+row from the forward.
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def rows_per_chunk(vocab: int, bytes_per_logit: int, workspace_bytes: int) -> in
 
 
 def softmax_row_stats(logits32, targets, inv_tau: float, backend: str):
-    """lse, entropy, E_p[z], z_target of z = logits * inv_tau, per row of a logits chunk."""
+    """lse, entropy, z_target of z = logits * inv_tau, per row of a logits chunk."""
     if backend == "triton":
         from fastrl.kernels.softmax_row_stats import softmax_row_stats as kernel
 
@@ -149,7 +150,7 @@ def softmax_row_stats(logits32, targets, inv_tau: float, backend: str):
     lse = torch.logsumexp(z, dim=1)
     logp = z - lse[:, None]
     entropy = -(logp.exp() * logp).sum(dim=1)
-    return lse, entropy, lse - entropy, z.gather(1, targets[:, None])[:, 0]
+    return lse, entropy, z.gather(1, targets[:, None])[:, 0]
 
 
 def logits_grad(logits32, lse, a, b, targets, g_y, inv_tau: float, out_dtype, backend: str):
@@ -166,12 +167,16 @@ def logits_grad(logits32, lse, a, b, targets, g_y, inv_tau: float, out_dtype, ba
     return (dz * inv_tau).to(out_dtype)
 
 
-def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, lse, entropy,
+def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, entropy,
                                g_y, g_h, g_c, backend, workspace_bytes, need_dx=True, need_dw=True):
     """dX, dW of a loss with upstream g_y (log p_y), g_h (entropy), g_c [n, K] (log p_c).
 
     Recomputes logits in token chunks bounded by workspace_bytes; dX rows are written per chunk,
-    dW accumulates in fp32.
+    dW accumulates in fp32. Each chunk's lse comes from those very logits, not from the forward:
+    the p_j must sum to one over the vocabulary, else a bias-like weight column (|w| ~ 25) turns
+    the forward/backward GEMM rounding gap (~1 ulp of lse) into dX errors of up to 7e-4 of the
+    largest gradient. The forward's entropy is accurate enough (measured: no change when it too
+    is recomputed).
     """
     n = hidden.shape[0]
     vocab = weight.shape[0]
@@ -180,7 +185,7 @@ def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, ls
     if n == 0:
         return dx, (dw32.to(weight.dtype) if need_dw else None)
     extra = 0 if hidden.dtype == torch.float32 else hidden.element_size()
-    # One more fp32 chunk buffer: lse is recomputed from the chunk's own logits (below).
+    # One more fp32 chunk buffer: logits * inv_tau for the chunk's logsumexp.
     rows = rows_per_chunk(vocab, 8 + extra, workspace_bytes)
     a_all = -g_h * entropy - g_y - (g_c.sum(dim=1) if g_c.numel() else 0.0)
     b_all = -g_h
@@ -188,11 +193,8 @@ def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, ls
         end = min(start + rows, n)
         x = hidden[start:end]
         logits = logits_fp32(x, weight)
-        # lse of these very logits, not the forward's: the softmax terms of dz must sum to zero
-        # over the vocabulary, else a bias-like weight column (|w| ~ 25) turns the forward/backward
-        # GEMM rounding gap (~1 ulp of lse) into dX errors of 5e-4 of the largest gradient.
-        lse_chunk = torch.logsumexp(logits * inv_tau, dim=1)
-        dz = logits_grad(logits, lse_chunk, a_all[start:end], b_all[start:end],
+        lse = torch.logsumexp(logits * inv_tau, dim=1)
+        dz = logits_grad(logits, lse, a_all[start:end], b_all[start:end],
                          targets[start:end], g_y[start:end], inv_tau, hidden.dtype, backend)
         if control_ids.numel():
             dz[:, control_ids] += (g_c[start:end] * inv_tau).to(dz.dtype)
@@ -205,49 +207,49 @@ def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, ls
 
 
 def _forward_stats(hidden, weight, targets, inv_tau, backend, workspace_bytes):
-    """lse, entropy, E_p[z], z_target for every row (all targets valid)."""
+    """lse, entropy, z_target for every row (all targets valid)."""
     if backend == "triton":
         from fastrl.kernels.linear_token_stats import linear_stats_fwd
 
         return linear_stats_fwd(hidden, weight, targets, inv_tau)
     n = hidden.shape[0]
-    out = torch.empty((4, n), dtype=torch.float32, device=hidden.device)
+    out = torch.empty((3, n), dtype=torch.float32, device=hidden.device)
     rows = rows_per_chunk(weight.shape[0], 4, workspace_bytes)
     w = weight if weight.dtype == torch.float32 else weight.float()
     for start in range(0, n, rows):
         end = min(start + rows, n)
         stats = softmax_row_stats(logits_fp32(hidden[start:end].to(w.dtype), w), targets[start:end],
                                   inv_tau, "torch")
-        for k in range(4):
+        for k in range(3):
             out[k, start:end] = stats[k]
-    return out[0], out[1], out[2], out[3]
+    return out[0], out[1], out[2]
 
 
 class _LinearTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, control_ids, inv_tau, backend, workspace_bytes):
-        lse, entropy, _, z_target = _forward_stats(hidden, weight, targets, inv_tau, backend,
-                                                            workspace_bytes)
+        lse, entropy, z_target = _forward_stats(hidden, weight, targets, inv_tau, backend, workspace_bytes)
         logprobs = z_target - lse
         if control_ids.numel():
             control_logprobs = logits_fp32(hidden, weight[control_ids]) * inv_tau - lse[:, None]
         else:
             control_logprobs = hidden.new_zeros((hidden.shape[0], 0), dtype=torch.float32)
-        ctx.save_for_backward(hidden, weight, targets, control_ids, lse, entropy)
+        ctx.save_for_backward(hidden, weight, targets, control_ids, entropy)
         ctx.inv_tau, ctx.backend, ctx.workspace_bytes = inv_tau, backend, workspace_bytes
         ctx.mark_non_differentiable(lse)
         return logprobs, entropy, control_logprobs, lse
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, g_ctrl, _g_lse):
-        hidden, weight, targets, control_ids, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, control_ids, entropy = ctx.saved_tensors
         n = hidden.shape[0]
-        zeros = lse.new_zeros(n)
+        zeros = hidden.new_zeros(n, dtype=torch.float32)
         g_y = zeros if g_logp is None else g_logp.float()
         g_h = zeros if g_ent is None else g_ent.float()
-        g_c = (lse.new_zeros((n, control_ids.numel())) if g_ctrl is None else g_ctrl.float())
+        g_c = (hidden.new_zeros((n, control_ids.numel()), dtype=torch.float32) if g_ctrl is None
+               else g_ctrl.float())
         dx, dw = linear_grads_from_upstream(
-            hidden, weight, targets, control_ids, ctx.inv_tau, lse, entropy, g_y, g_h, g_c,
+            hidden, weight, targets, control_ids, ctx.inv_tau, entropy, g_y, g_h, g_c,
             ctx.backend, ctx.workspace_bytes,
             need_dx=ctx.needs_input_grad[0], need_dw=ctx.needs_input_grad[1])
         return dx, dw, None, None, None, None, None

@@ -135,18 +135,21 @@ def control_ids_of(tokenizer) -> list[int]:
     return sorted(set(control_token_ids(tokenizer).values()))
 
 
+def lr_factor(step: int, warm: int, cosine: bool, decay_steps: int) -> float:
+    """Linear warm-up over `warm` steps, then constant or a cosine from 1 down to 0.1 reached
+    `decay_steps` steps after the warm-up (and held)."""
+    if step < warm:
+        return (step + 1) / warm
+    if cosine:
+        progress = (step - warm) / max(decay_steps, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
 def make_scheduler(optimizer, cfg: TrainConfig):
     warm, total = cfg.optim.warmup_steps, max(cfg.steps, 1)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.optim.schedule == "cosine":
-            progress = (step - warm) / max(total - warm, 1)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    cosine = cfg.optim.schedule == "cosine"
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warm, cosine, total - warm))
 
 
 def sft_warmup_lr(cfg: TrainConfig, done: int) -> float:
@@ -156,10 +159,7 @@ def sft_warmup_lr(cfg: TrainConfig, done: int) -> float:
         return cfg.sft_warmup_lr
     total = cfg.sft_warmup_steps
     warm = max(1, round(0.05 * total))
-    if done < warm:
-        return cfg.sft_warmup_lr * (done + 1) / warm
-    progress = (done - warm) / max(1, total - warm - 1)
-    return cfg.sft_warmup_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    return cfg.sft_warmup_lr * lr_factor(done, warm, True, total - warm - 1)
 
 
 def sampling_for(cfg: TrainConfig, step: int, *, n=None, hinted=0, greedy=False) -> SamplingConfig:
