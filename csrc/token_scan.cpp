@@ -24,7 +24,8 @@ py::array_t<bool> control_token_mask(const InArray<int64_t>& token_ids_in,
     }
     table_size = std::max(table_size, control[j] + 1);
   }
-  std::vector<uint8_t> is_control(table_size, 0);
+  // One extra zero entry: ids at or past table_size are clamped onto it (branch-free lookup).
+  std::vector<uint8_t> is_control(table_size + 1, 0);
   for (int64_t j = 0; j < c; ++j) is_control[control[j]] = 1;
 
   py::array_t<bool> mask(n);
@@ -33,13 +34,25 @@ py::array_t<bool> control_token_mask(const InArray<int64_t>& token_ids_in,
   {
     py::gil_scoped_release no_gil;
     const uint64_t limit = vocab_size >= 0 ? static_cast<uint64_t>(vocab_size) : UINT64_MAX;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint64_t id = static_cast<uint64_t>(ids[i]);  // negative ids wrap above any limit
-      if (id >= limit) {
-        bad = i;
+    const uint64_t clamp = static_cast<uint64_t>(table_size);
+    const uint8_t* table = is_control.data();
+    // Blocks keep the range check and the lookup branch-free (the compiler vectorises the max);
+    // only a block holding a bad id is rescanned to name it.
+    constexpr int64_t kBlock = 4096;
+    for (int64_t b = 0; b < n && bad < 0; b += kBlock) {
+      const int64_t e = std::min(n, b + kBlock);
+      uint64_t top = 0;
+      for (int64_t i = b; i < e; ++i) top = std::max(top, static_cast<uint64_t>(ids[i]));
+      if (top >= limit) {  // negative ids wrap above any limit
+        for (int64_t i = b; i < e; ++i) {
+          if (static_cast<uint64_t>(ids[i]) >= limit) { bad = i; break; }
+        }
         break;
       }
-      out[i] = id < static_cast<uint64_t>(table_size) && is_control[id];
+      for (int64_t i = b; i < e; ++i) {
+        const uint64_t id = static_cast<uint64_t>(ids[i]);
+        out[i] = table[id < clamp ? id : clamp];
+      }
     }
   }
   if (bad >= 0) {

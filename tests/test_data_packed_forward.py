@@ -45,14 +45,15 @@ def target_logprobs(logits, targets):
     return torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None])[:, 0]
 
 
+@pytest.mark.parametrize("layout", ["padded", "block_mask", "auto"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_logprobs_equal_unpacked(rng, attn):
+def test_packed_logprobs_equal_unpacked(rng, attn, layout):
     model = tiny_qwen2(attn)
     store, batch = random_batch(rng)
     t = batch.to_torch()
     with torch.no_grad():
         out = packed_forward(model, t["input_ids"], t["position_ids"], t["cu_seqlens"],
-                             return_logits=True)
+                             return_logits=True, layout=layout)
         packed = target_logprobs(out.logits, t["target_ids"])
         unpacked = []
         for s in batch.sequences.tolist():
@@ -66,6 +67,30 @@ def test_packed_logprobs_equal_unpacked(rng, attn):
     # Hidden states are the LM head's input: the head applied to them gives the logits.
     torch.testing.assert_close(model.lm_head(out.hidden_states), out.logits)
     assert out.hidden_states.shape == (batch.num_tokens, 64)
+
+
+def test_padded_layout_gradients_equal_block_mask(rng):
+    # The layouts differ only in how attention is laid out: same loss, same parameter gradients.
+    model = tiny_qwen2("sdpa").train()
+    _, batch = random_batch(rng, n=7)
+    t = batch.to_torch()
+    weights = torch.randn(batch.num_tokens, 64, dtype=torch.float64)
+    grads = {}
+    for layout in ("padded", "block_mask"):
+        model.zero_grad()
+        hidden = packed_forward(model, t["input_ids"], t["position_ids"], t["cu_seqlens"],
+                                layout=layout).hidden_states
+        (hidden.double() * weights).sum().backward()
+        grads[layout] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert len(grads["padded"]) == len(grads["block_mask"]) > 0
+    for a, b in zip(grads["padded"], grads["block_mask"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_layout_is_an_error():
+    with pytest.raises(ValueError, match="layout"):
+        packed_forward(tiny_qwen2("sdpa"), torch.arange(4), torch.arange(4), torch.tensor([0, 4]),
+                       layout="ragged")
 
 
 def test_without_the_block_mask_sequences_leak(rng):

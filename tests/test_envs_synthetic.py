@@ -95,7 +95,7 @@ def test_splits_disjoint_deterministic_and_shifted():
     assert {t.difficulty for t in shifted} <= {5, 6}
     for t in shifted:
         assert all(100 <= v <= 999 for v in t.store.values())
-        nums = [int(x) for x in re.findall(r"\d+", t.question)]
+        nums = [int(x) for x in re.findall(r"(?<![\dr])\d+", t.question)]   # not the keys' r12
         assert nums and all(100 <= x <= 999 for x in nums)
     fmt = make_tasks("format_shift", 30, seed=seed)
     assert all(t.syntax == "function_tag" for t in fmt)
@@ -108,21 +108,19 @@ def test_splits_disjoint_deterministic_and_shifted():
 
 
 def test_gold_answers_are_right_arithmetic():
-    # Independent check of the gold answer: evaluate the question's expression ourselves.
+    # Independent check of the gold answer: parse the question's steps and apply them ourselves.
+    apply = {"add": lambda a, b: a + b, "subtract": lambda a, b: a - b, "multiply by": lambda a, b: a * b}
     for task in make_tasks("train", 40, seed=SEED % 997) + make_tasks("content_shift", 10, seed=SEED % 991):
-        expr = task.question.split("Compute ")[-1].split(",")[0].rstrip(".")
+        value = lambda x: task.store[x.strip('"')] if x.startswith('"') else int(x)  # noqa: E731
         if task.question.startswith("What is"):
             assert task.answer == task.store[task.keys[0]]
             continue
-        for k, v in task.store.items():
-            expr = re.sub(rf"\b{k}\b", str(v), expr)
-        acc = None
-        # Left-to-right chain: strip parentheses, apply in order.
-        tokens = expr.replace("(", "").replace(")", "").split()
-        acc = int(tokens[0])
-        for op, x in zip(tokens[1::2], tokens[2::2]):
-            acc = {"+": acc + int(x), "-": acc - int(x), "*": acc * int(x)}[op]
-        assert acc == task.answer, (task.question, task.store)
+        first, *steps = task.question.removeprefix("Start with ").rstrip(".").split(", ")
+        acc = value(first)
+        for step in steps:
+            verb, x = re.fullmatch(r"(add|subtract|multiply by) (\S+)", step).groups()
+            acc = apply[verb](acc, value(x))
+        assert steps and acc == task.answer, (task.question, task.store)
 
 
 def test_malformed_turns_give_error_observations_and_flags():

@@ -147,7 +147,8 @@ def test_build_bad_input_names_the_item(rng, impl):
 
 
 def test_control_mask_cpp_matches_python_and_oracle(rng):
-    ids = rng.integers(0, VOCAB, size=int(rng.integers(1000, 5000)))
+    # Several of the compiled scan's 4096-token blocks, and a ragged last one.
+    ids = rng.integers(0, VOCAB, size=int(rng.integers(9000, 20000)))
     control = rng.choice(VOCAB, size=int(rng.integers(1, 12)), replace=False)
     cpp = control_token_mask(ids, control, VOCAB, impl="cpp")
     py = control_token_mask(ids, control, VOCAB, impl="python")
@@ -169,6 +170,16 @@ def test_control_mask_bad_input(impl):
     with pytest.raises(ValueError, match=r"token_ids\[0\] = 1\.0"):
         control_token_mask(np.array([1.0, 2.0]), [1], impl=impl)
     assert control_token_mask([7, 3, 99999], [3], impl=impl).tolist() == [False, True, False]
+    assert not control_token_mask([7, 3], [], impl=impl).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_control_mask_names_the_first_bad_id_anywhere(impl, rng):
+    ids = rng.integers(0, 100, size=int(rng.integers(5000, 20000)))
+    at = sorted(rng.choice(len(ids), size=2, replace=False))
+    ids[at[0]], ids[at[1]] = 100 + int(rng.integers(0, 5)), -3
+    with pytest.raises(ValueError, match=rf"token_ids\[{at[0]}\] = {ids[at[0]]} outside"):
+        control_token_mask(ids, [5, 7], vocab_size=100, impl=impl)
 
 
 def turn_oracle(kinds, cu):

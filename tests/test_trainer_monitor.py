@@ -52,7 +52,7 @@ def test_monitor_quiet_on_healthy_steps_and_fires_on_intrusion_rise():
 ])
 def test_each_absolute_signal(key, value, word):
     rng = np.random.default_rng()
-    mon = CollapseMonitor(MonitorConfig())
+    mon = CollapseMonitor(MonitorConfig(max_intrusion=0.5))
     v = mon.update(healthy(rng) | {key: value})
     assert v.warning and any(word in r for r in v.reasons)
     assert v.severe == (key == "format_error_rate")
@@ -61,8 +61,9 @@ def test_each_absolute_signal(key, value, word):
 def test_patience_and_off_policy_and_state_roundtrip():
     rng = np.random.default_rng()
     mon = CollapseMonitor(MonitorConfig(patience=2))
-    assert not mon.update(healthy(rng) | {"intrusion_max": 0.9}).warning
-    assert mon.update(healthy(rng) | {"intrusion_max": 0.9}).warning
+    assert not mon.update(healthy(rng) | {"intrusion_max": 1.0}).warning    # off by default
+    assert not mon.update(healthy(rng) | {"spike_count": 50}).warning
+    assert mon.update(healthy(rng) | {"spike_count": 50}).warning
     clone = CollapseMonitor(MonitorConfig(patience=2))
     clone.load_state_dict(mon.state_dict())
     assert clone.state_dict() == mon.state_dict()

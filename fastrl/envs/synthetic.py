@@ -1,7 +1,7 @@
 """An embedded, seeded, offline tool-use environment: arithmetic over a small key-value store.
 
-A task is a left-to-right chain such as `Compute ((red + 12) * owl) - 3`, where `red` and `owl`
-are keys of a per-task store. Tools: `add`, `sub`, `mul`, whose operands are integers or store
+A task is a chain such as `Start with "r7", add 12, multiply by "r31", subtract 3.`, where
+`r7` and `r31` are keys of a per-task store. Tools: `add`, `sub`, `mul`, whose operands are integers or store
 keys (the tool reads a key's value), and `lookup(key)`. The gold trajectory does one operation
 per turn, each on the previous result, then answers `<answer>N</answer>`; a task of difficulty 1
 is either one operation or a single lookup. Difficulty = number of tool calls in the gold
@@ -43,10 +43,13 @@ from fastrl.envs.parsing import HERMES, SYNTAXES, CallSyntax
 from fastrl.envs.tools import ToolExecutor, ToolRegistry, tool
 
 SPLITS = ("train", "test", "content_shift", "format_shift")
-KEYS = ("red blue green yellow orange purple black white gray pink brown cyan apple pear plum "
-        "grape lemon lime mango peach cherry melon kiwi fig cat dog fox owl bee ant cow pig hen "
-        "yak elk emu").split()
-OPS = {"add": "+", "sub": "-", "mul": "*"}
+# Store keys are register-style names, "r1" ... "r99": a key is then the constant piece ` "r` and a
+# number token, and the tiny model copies it with the circuit it learns for copying numbers. With
+# word keys ("emu", "owl") each key is a rare token of its own; in a tied-embedding model those
+# rare embeddings collapse onto one shared "key" direction (pairwise cosine ~0.9 after the SFT
+# warm-up) and key copying stays at chance while number copying works.
+KEYS = tuple(f"r{i}" for i in range(1, 100))
+VERBS = {"add": "add", "sub": "subtract", "mul": "multiply by"}
 # Short on purpose: every prompt token is paid for in every rollout and every training row.
 SYSTEM_PROMPT = ("Calculator. Tools: add, sub, mul (a and b are integers or store keys), "
                  "lookup(key). One call per turn, then <answer>NUMBER</answer>.")
@@ -153,11 +156,10 @@ def _is_test(question: str, store: dict[str, int]) -> bool:
     return digest[0] % 5 == 0  # ~20% of the in-distribution task space is held out
 
 
-def _expr(start: int | str, ops: list[tuple[str, int | str]]) -> str:
-    text = str(start)
-    for i, (op, x) in enumerate(ops):
-        text = f"({text} {OPS[op]} {x})" if i < len(ops) - 1 else f"{text} {OPS[op]} {x}"
-    return text
+def _operand(x: int | str) -> str:
+    # A key is quoted as in the JSON of a call: ` "emu` is then one token in the question and in
+    # `"b": "emu"` (see fastrl.models.tokenizer), so using a key is a copy of one token.
+    return f'"{x}"' if isinstance(x, str) else str(x)
 
 
 def _sample(rng: random.Random, difficulty: int, lo: int, hi: int):
@@ -173,21 +175,18 @@ def _sample(rng: random.Random, difficulty: int, lo: int, hi: int):
         operands[pos] = key
     if ops_n == 0:
         operands = keys[:1]
-    ops = [(rng.choice(list(OPS)), x) for x in operands[1:]]
+    ops = [(rng.choice(list(VERBS)), x) for x in operands[1:]]
     distractors = rng.sample([k for k in KEYS if k not in keys], rng.randint(2, 4))
     store = {k: rng.randint(lo, hi) for k in keys + distractors}
     store = dict(sorted(store.items()))
     return operands[0], ops, store
 
 
-def _question(start, ops, keys) -> str:
+def _question(start, ops) -> str:
     if not ops:
-        return f"What is the value stored under key \"{start}\"?"
-    q = f"Compute {_expr(start, ops)}"
-    if keys:
-        q += (f", where {keys[0]} is the value stored under that key" if len(keys) == 1 else
-              f", where {' and '.join(keys)} are the values stored under those keys")
-    return q + "."
+        return f"What is the value stored under key {_operand(start)}?"
+    steps = ", ".join(f"{VERBS[op]} {_operand(x)}" for op, x in ops)
+    return f"Start with {_operand(start)}, {steps}."
 
 
 def _gold(task: SyntheticTask, syntax: CallSyntax) -> tuple[list[dict], list[str]]:
@@ -240,8 +239,7 @@ def make_tasks(split: str, n: int, *, seed: int = 0,
     while len(tasks) < n:
         d = rng.randint(*diff_range)
         start, ops, store = _sample(rng, d, lo, hi)
-        keys = [x for x in [start] + [v for _, v in ops] if isinstance(x, str)]
-        question = _question(start, ops, list(dict.fromkeys(keys)))
+        question = _question(start, ops)
         if split in ("train", "test", "format_shift"):
             # format_shift reuses held-out (test) content, so only the syntax is new.
             if _is_test(question, store) != (split != "train"):

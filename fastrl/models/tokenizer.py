@@ -23,8 +23,10 @@ from __future__ import annotations
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-# Qwen2's split regex, with numbers in runs of up to three digits (Qwen2 has `\p{N}` alone).
-SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+# Qwen2's split regex, with numbers in runs of up to three digits (Qwen2 has `\p{N}` alone), and a
+# word may keep a space-and-quote prefix: ` "emu` is one piece, so a JSON string value (`"b": "emu"`)
+# and the same quoted word in prose (`subtract "emu"`) are the same single token.
+SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?: ?\"|[^\r\n\p{L}\p{N}])?\p{L}+|\p{N}{1,3}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Every chunk the split can produce, leading zeros included ("082" in 896302414082); 0-9 are bytes.
 NUMBER_TOKENS = [f"{i:02d}" for i in range(100)] + [f"{i:03d}" for i in range(1000)]
@@ -63,6 +65,7 @@ apple pear plum grape lemon lime mango peach cherry melon kiwi fig
 cat dog fox owl bee ant cow pig hen yak elk emu
 Do do every step steps per turn turns then only integers numbers keys gives give Add Subtract
 Multiply Get An Calculator calculator One NUMBER that those values What b
+Start start subtract multiply by r
 """.split()
 # Punctuation runs that the pre-tokenizer keeps together.
 BASE_SYMBOLS = ['{"', '":', '",', '"}', '}}', '"},', '}]', '[{"', '":{"', '"]', ' {"', ' [', ' "',
@@ -171,8 +174,9 @@ def chat_template() -> str:
 def build_tokenizer(extra_words: list[str] | tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """The tiny tokenizer as a Hugging Face fast tokenizer (save it with `save_pretrained`)."""
     words = list(BASE_WORDS) + list(extra_words)
-    # Qwen2's pre-tokenizer attaches one leading non-letter (space, quote, '<') to a word.
-    pieces = [_byte_level(prefix + w) for w in words for prefix in ("", " ", '"', "<", "/")]
+    # The pre-tokenizer attaches one leading non-letter (space, quote, '<'), or a space and a quote,
+    # to a word.
+    pieces = [_byte_level(prefix + w) for w in words for prefix in ("", " ", '"', ' "', "<", "/")]
     pieces += [_byte_level(s) for s in BASE_SYMBOLS] + NUMBER_TOKENS
     pieces = [p for p in pieces if len(p) > 1]
     vocab, merges = _vocab_and_merges(pieces)

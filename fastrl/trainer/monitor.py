@@ -6,7 +6,7 @@ model gets less sure of the control tokens where they do belong (control confide
 detector checks each step against
 
   absolute thresholds   format_error_rate > max_format_error_rate
-                        intrusion_max     > max_intrusion
+                        intrusion_max     > max_intrusion (off by default, see below)
                         spike_count / tokens_rl > max_spike_rate
                         control_confidence_mean < min_control_confidence (nats)
   a running baseline    intrusion_mean > intrusion_ratio * baseline and > intrusion_floor
@@ -14,7 +14,11 @@ detector checks each step against
    steps, after         entropy_mean > entropy_ratio * baseline
    warmup_steps)
 
-and raises `collapse_warning` after `patience` consecutive steps with at least one signal. A
+`max_intrusion` is off by default: a maximum over thousands of sampled tokens saturates in a
+healthy run of a confident model (at temperature 1 some rollout samples a digit where the model put
+~all its mass on `</answer>`), so it fires every step; the mean and the spike rate do not.
+
+The monitor raises `collapse_warning` after `patience` consecutive steps with at least one signal. A
 warning with format_error_rate above `rollback_format_error_rate` is `severe`. The trainer acts
 on the verdict according to `policy` (off | monitor | stabilize); see fastrl.trainer.grpo.
 """
@@ -27,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 class MonitorConfig:
     policy: str = "monitor"                 # "off" | "monitor" | "stabilize"
     max_format_error_rate: float = 0.25
-    max_intrusion: float = 0.5
+    max_intrusion: float | None = None      # None: off (see the module docstring)
     max_spike_rate: float = 0.02
     min_control_confidence: float = -1.0
     intrusion_ratio: float = 4.0
@@ -76,7 +80,8 @@ class CollapseMonitor:
         get = lambda k: m.get(k)  # noqa: E731
         if get("format_error_rate") is not None and m["format_error_rate"] > c.max_format_error_rate:
             out.append(f"format_error_rate {m['format_error_rate']:.3f} > {c.max_format_error_rate}")
-        if get("intrusion_max") is not None and m["intrusion_max"] > c.max_intrusion:
+        if c.max_intrusion is not None and get("intrusion_max") is not None \
+                and m["intrusion_max"] > c.max_intrusion:
             out.append(f"intrusion_max {m['intrusion_max']:.3f} > {c.max_intrusion}")
         if get("spike_count") is not None and m.get("tokens_rl"):
             rate = m["spike_count"] / m["tokens_rl"]
