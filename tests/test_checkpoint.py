@@ -123,6 +123,16 @@ def test_non_json_extra_state_and_wrong_model(tmp_path):
         load_checkpoint(tmp_path / "checkpoints", model=model)
 
 
+def test_keep_spares_the_rollback_target_from_pruning(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = sorted(random.sample(range(1, 1000), 6))
+    target = save_checkpoint(tmp_path, steps[0], model=model, optimizer=opt, extra_state={}, keep_last=2)
+    for s in steps[1:]:
+        save_checkpoint(tmp_path, s, model=model, optimizer=opt, extra_state={}, keep_last=2, keep=target)
+    assert [checkpoint_step(p) for p in list_checkpoints(tmp_path)] == [steps[0]] + steps[-2:]
+
+
 def test_keep_last_prunes_and_resave(tmp_path):
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -1,15 +1,23 @@
 """`fastrl demo --quick` and `fastrl demo --drill --quick` end to end: every phase runs, the
 report and plots are written, and the effects point the right way where a short run can show
-them (SFT lowers the loss; the monitor warns no later than the format breaks and only the
-`stabilize` run acts)."""
+them (SFT lifts held-out success and RL keeps it; the monitor warns no later than the format
+breaks, only the `stabilize` run acts, and it ends no worse than the unprotected run)."""
 import json
 
 from fastrl.demo import run_demo, run_drill
 from fastrl.trainer.metrics_log import read_events, read_metrics
 
 
-def test_quick_demo_writes_report_and_learns_in_sft(tmp_path):
+def test_quick_demo_writes_report_and_learns(tmp_path):
     summary = run_demo(tmp_path / "demo", quick=True)
+    res = {phase: r["test"] for phase, r in summary["results"].items()}
+    # SFT takes held-out success off zero (one-call tasks, 24 of them: ~80% on the reference run).
+    assert res["before SFT"]["success"] == 0.0
+    assert res["after SFT"]["success"] >= 0.4
+    # Three RL steps at the demo's learning rate keep it (a strict rise is within the noise of 24
+    # tasks; the full demo's numbers are in the README).
+    assert res["after RL"]["success"] >= res["after SFT"]["success"] - 0.15
+    assert res["after RL"]["format_error_rate"] <= 0.2
     run = tmp_path / "demo"
     report = (run / "report.md").read_text()
     for phase in ("before SFT", "after SFT", "after RL"):
@@ -33,7 +41,9 @@ def test_quick_drill_warns_before_the_format_breaks_and_only_b_acts(tmp_path):
     if summary["format_broken_step_A"] is not None:
         assert summary["warning_step_A"] is not None
         assert summary["warning_step_A"] <= summary["format_broken_step_A"]
-    if summary["warning_step_A"] is not None:
-        assert [e for e in events_b if e["kind"] == "action"]          # B steps in
+    assert summary["warning_step_A"] is not None                       # the drill does provoke A
+    assert [e for e in events_b if e["kind"] == "action"]              # B steps in
+    # The stabilised run ends no worse than the unprotected one.
+    assert summary["final"]["B"]["success"] >= summary["final"]["A"]["success"]
     assert (root / "drill.png").stat().st_size > 1000
     assert "first collapse warning" in (root / "report.md").read_text()

@@ -120,7 +120,8 @@ def test_severe_warning_rolls_back_to_the_healthy_checkpoint_with_lower_lr(tmp_p
     trainer = Trainer(cfg)
     try:
         metrics = trainer.rl_step()
-        trainer.checkpoint(healthy=True)
+        trainer.checkpoint()
+        trainer.healthy_checkpoint = trainer.candidate_checkpoint   # as a healthy next step confirms it
         saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         lr_before = trainer.optimizer.param_groups[0]["lr"]
         trainer.rl_step()                          # the weights move on
@@ -138,6 +139,28 @@ def test_severe_warning_rolls_back_to_the_healthy_checkpoint_with_lower_lr(tmp_p
         trainer.close()
     messages = [e["message"] for e in read_events(tmp_path / "run")]
     assert any(m.startswith("rolled back to step_00000001") for m in messages)
+
+
+def test_a_checkpoint_is_healthy_only_once_the_next_steps_rollouts_are(tmp_path):
+    # The checkpoint after step s holds the weights that step s + 1 rolls out with: step 3's
+    # warning condemns the step-2 checkpoint, so the rollback target stays step 1's.
+    from fastrl.trainer.monitor import Verdict
+
+    cfg = load_config(TrainConfig, tiny_config(tmp_path / "run", steps=3, keep_last=5))
+    trainer = Trainer(cfg)
+    calls = []
+
+    def verdict(metrics):
+        calls.append(1)
+        return Verdict(warning=len(calls) == 3, severe=False, reasons=["forced"] if len(calls) == 3 else [])
+
+    trainer.monitor.update = verdict
+    try:
+        trainer.run()
+        assert trainer.healthy_checkpoint.endswith("step_00000001")
+        assert trainer.candidate_checkpoint.endswith("step_00000003")   # not judged yet
+    finally:
+        trainer.close()
 
 
 def _train_cmd(config_path, *extra):

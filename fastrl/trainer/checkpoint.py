@@ -186,9 +186,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Mo
                     optimizer: torch.optim.Optimizer | None,
                     scheduler: Any | None = None, extra_state: dict | None = None,
                     keep_last: int | None = 3, model_state: dict | None = None,
-                    optimizer_state: dict | None = None) -> Path:
+                    optimizer_state: dict | None = None, keep: str | os.PathLike | None = None) -> Path:
     """Write a complete checkpoint for `step` atomically and keep the newest `keep_last`
-    (None keeps all). Returns the checkpoint directory.
+    (None keeps all) plus `keep` (the trainer's rollback target), whatever its age. Returns the
+    checkpoint directory.
 
     `model_state` / `optimizer_state` (from `gather_train_state`, for a sharded model) are
     written instead of `model`'s and `optimizer`'s own state dicts."""
@@ -240,7 +241,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: torch.nn.Mo
         raise
     if keep_last is not None:
         # Only now that the new checkpoint is in place; never delete the one just written.
-        older = [p for p in list_checkpoints(run_dir) if p != final]
+        spared = {final} | ({Path(keep)} if keep is not None else set())
+        older = [p for p in list_checkpoints(run_dir) if p not in spared]
         for p in older[: max(0, len(older) - (keep_last - 1))]:
             _discard(p)
     return final

@@ -278,7 +278,10 @@ class Trainer:
         self.step = 0                 # RL steps done
         self.sft_done = 0             # warm-up SFT steps done
         self.skipped_steps = 0
+        # A checkpoint written after step s holds weights whose rollouts are first seen at step
+        # s + 1: it is a candidate until that step's verdict is healthy, then the rollback target.
         self.healthy_checkpoint: str | None = None
+        self.candidate_checkpoint: str | None = None
         self.version = 0              # weight version of the engine; bumped at every sync
         self.resumed_from = None
         if resume:
@@ -300,7 +303,8 @@ class Trainer:
         return {"step": self.step, "sft_done": self.sft_done, "skipped_steps": self.skipped_steps,
                 "version": self.version,
                 "monitor": self.monitor.state_dict(), "supervision": self.supervision.state_dict(),
-                "healthy_checkpoint": self.healthy_checkpoint}
+                "healthy_checkpoint": self.healthy_checkpoint,
+                "candidate_checkpoint": self.candidate_checkpoint}
 
     def _load_extra(self, e: dict) -> None:
         self.step, self.sft_done, self.skipped_steps = e["step"], e["sft_done"], e["skipped_steps"]
@@ -308,6 +312,7 @@ class Trainer:
         self.monitor.load_state_dict(e["monitor"])
         self.supervision.load_state_dict(e["supervision"])
         self.healthy_checkpoint = e["healthy_checkpoint"]
+        self.candidate_checkpoint = e.get("candidate_checkpoint")
 
     def _sync(self) -> float:
         t = time.perf_counter()
@@ -494,7 +499,7 @@ class Trainer:
         self.log.event(step, "action", f"rolled back to {Path(ckpt).name} with LR x{self.supervision.lr_scale:g}",
                        reason=reason)
 
-    def checkpoint(self, healthy: bool) -> None:
+    def checkpoint(self) -> None:
         weights = optim = None
         if is_sharded(self.model):   # gather the shards onto rank 0 (a collective: every rank)
             weights, optim = gather_train_state(self.model, self.optimizer)
@@ -503,23 +508,27 @@ class Trainer:
             path = str(save_checkpoint(self.run_dir, self.step, model=self.model, optimizer=self.optimizer,
                                        scheduler=self.scheduler, extra_state=self._extra(),
                                        keep_last=self.cfg.keep_last, model_state=weights,
-                                       optimizer_state=optim))
-        path = broadcast_object(path)
-        if healthy:
-            self.healthy_checkpoint = path
+                                       optimizer_state=optim, keep=self.healthy_checkpoint))
+        self.candidate_checkpoint = broadcast_object(path)
 
     def run(self) -> dict:
         cfg = self.cfg
         t_start = time.perf_counter()
         self.sft_warmup()
+        if cfg.checkpoint_every and self.step == 0 and self.step < cfg.steps:
+            self.checkpoint()       # the starting weights: the rollback target once step 1 confirms them
         while self.step < cfg.steps:
             step = self.step + 1                      # 1-based in logs
             metrics = self.rl_step()
-            self.act_on(step, metrics)
+            self.act_on(step, metrics)      # a rollback goes to the last confirmed checkpoint
             self.log.log(step, metrics)
-            healthy = not metrics["collapse_warning"]
+            # This step's rollouts judged the weights of the candidate (written after the last step).
+            if self.candidate_checkpoint is not None:
+                if not metrics["collapse_warning"]:
+                    self.healthy_checkpoint = self.candidate_checkpoint
+                self.candidate_checkpoint = None
             if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
-                self.checkpoint(healthy)
+                self.checkpoint()
         final = self.export()
         self.log.close()
         return {"steps": self.step, "skipped_steps": self.skipped_steps, "warnings": self.monitor.warnings,
