@@ -59,13 +59,18 @@ def test_sampled_logprobs_match_transformers(engines):
     prompts = random_prompts(vllm.tokenizer, rng, 6)
     reqs = [GenerationRequest(f"p{i}", p, max_new_tokens=rng.randint(4, 24), temperature=1.0,
                               seed=SEED + i) for i, p in enumerate(prompts)]
+    # vLLM stops on the model's generation-config end tokens (<|im_end|> and <|endoftext|>).
+    from transformers import GenerationConfig
+
+    stop_ids = set(GenerationConfig.from_pretrained(vllm.tokenizer.name_or_path).eos_token_id)
+    assert vllm.tokenizer.eos_token_id in stop_ids
     for r, c in zip(reqs, vllm.generate(reqs)):
         assert c.finish_reason in ("stop", "length") and len(c.token_ids) <= r.max_new_tokens
         assert c.prompt_len == len(r.prompt_ids) and c.weight_version == vllm.weight_version
         ref = full_logprobs(hf.model, r.prompt_ids, c.token_ids)
         np.testing.assert_allclose(c.logprobs, ref.numpy(), atol=1e-4)
         if c.finish_reason == "stop":
-            assert c.token_ids[-1] == vllm.tokenizer.eos_token_id
+            assert c.token_ids[-1] in stop_ids
 
 
 def test_greedy_tokens_match_transformers(engines):
