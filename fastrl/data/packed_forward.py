@@ -62,12 +62,16 @@ def packed_forward(model, input_ids, position_ids, cu_seqlens, *, return_logits:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     attn = getattr(model.config, "_attn_implementation", None) or "eager"
-    kwargs = {}
     lengths = cu.diff().long()
     rows, width = len(lengths), int(lengths.max()) if len(lengths) else 0
     if layout == "auto":
         layout = "padded" if rows * width <= 2 * input_ids.shape[1] else "block_mask"
-    if not attn.startswith("flash_attention") and layout == "padded":
+    if attn.startswith("flash_attention"):
+        out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                               cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width,
+                               max_length_k=width)
+        hidden = out.last_hidden_state[0]
+    elif layout == "padded":
         # Row r, column c of the padded batch holds packed token cu[r] + c.
         row = torch.repeat_interleave(torch.arange(rows, device=device), lengths)
         col = torch.arange(input_ids.shape[1], device=device) - cu.long()[row]
@@ -77,19 +81,11 @@ def packed_forward(model, input_ids, position_ids, cu_seqlens, *, return_logits:
         ids[row, col], pos[row, col], keep[row, col] = input_ids[0], position_ids[0], 1
         out = model.base_model(input_ids=ids, attention_mask=keep, position_ids=pos, use_cache=False)
         hidden = out.last_hidden_state[row, col]
-        logits = model.get_output_embeddings()(hidden) if return_logits else None
-        return PackedOutput(hidden_states=hidden if return_hidden else None, logits=logits)
-    if attn.startswith("flash_attention"):
-        max_len = int(cu.diff().max())
-        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
-                      max_length_k=max_len)
-        mask = None
-    elif attn == "sdpa":
-        mask = block_causal_mask(cu, device=device)
-    else:  # eager and others add the mask to the scores
-        mask = block_causal_mask(cu, dtype=model.dtype, device=device)
-    out = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                           use_cache=False, **kwargs)
-    hidden = out.last_hidden_state[0]
+    else:
+        # sdpa takes a boolean mask; eager and others add an additive one to the scores.
+        mask = block_causal_mask(cu, dtype=None if attn == "sdpa" else model.dtype, device=device)
+        out = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                               use_cache=False)
+        hidden = out.last_hidden_state[0]
     logits = model.get_output_embeddings()(hidden) if return_logits else None
     return PackedOutput(hidden_states=hidden if return_hidden else None, logits=logits)

@@ -157,8 +157,8 @@ def _is_test(question: str, store: dict[str, int]) -> bool:
 
 
 def _operand(x: int | str) -> str:
-    # A key is quoted as in the JSON of a call: ` "emu` is then one token in the question and in
-    # `"b": "emu"` (see fastrl.models.tokenizer), so using a key is a copy of one token.
+    # A key is quoted as in the JSON of a call, so `"r17"` tokenizes the same in the question and
+    # in `"b": "r17"` (` "r` then `17`, see fastrl.models.tokenizer and KEYS).
     return f'"{x}"' if isinstance(x, str) else str(x)
 
 
