@@ -44,7 +44,9 @@ DEMO_CONFIG = {
     "loss": {"eps_high": 0.28},
     "supervision": {"scheme": "sync", "sft_weight": 0.1, "ops_expert_sft": False, "ets_window": 4,
                     "ets_max_tasks": 8, "hbg_hinted": 1},
-    "monitor": {"policy": "stabilize"},
+    # Halve the LR on every collapse warning (and again on a rollback): the LR that produced the
+    # warning would otherwise drive a rolled-back run into the same collapse (see the drill).
+    "monitor": {"policy": "stabilize", "warning_lr_factor": 0.5},
 }
 
 # CI's short version: one-call tasks (a lookup or one operation, then the answer), fewer and

@@ -141,6 +141,37 @@ def test_severe_warning_rolls_back_to_the_healthy_checkpoint_with_lower_lr(tmp_p
     assert any(m.startswith("rolled back to step_00000001") for m in messages)
 
 
+def test_each_warning_cuts_the_lr_down_to_the_floor(tmp_path):
+    from fastrl.trainer.monitor import Verdict
+
+    cfg = load_config(TrainConfig, tiny_config(tmp_path / "run", **{
+        "monitor.policy": "stabilize", "monitor.warning_lr_factor": 0.5, "monitor.min_lr_scale": 0.2,
+        "optim.warmup_steps": 0}))
+    trainer = Trainer(cfg)
+    trainer.monitor.update = lambda m: Verdict(warning=True, severe=False, reasons=["forced"])
+    try:
+        metrics = trainer.rl_step()
+        lr0 = trainer.optimizer.param_groups[0]["lr"]
+        expected = []
+        for _ in range(4):                      # x0.5, x0.25, then the floor 0.2 twice
+            trainer.act_on(1, dict(metrics))
+            expected.append(trainer.optimizer.param_groups[0]["lr"] / lr0)
+        assert expected == pytest.approx([0.5, 0.25, 0.2, 0.2])
+        assert trainer.supervision.lr_scale == pytest.approx(0.2)
+        trainer.rl_step()                       # the scheduler keeps the cut on the next step
+        assert trainer.scheduler.base_lrs[0] == pytest.approx(cfg.optim.lr * 0.2)
+    finally:
+        trainer.close()
+    assert sum(e["message"].startswith("LR cut to x") for e in read_events(tmp_path / "run")) == 4
+
+
+@pytest.mark.parametrize("key,value", [("warning_lr_factor", 0.0), ("warning_lr_factor", 1.5),
+                                       ("rollback_lr_factor", -0.5), ("min_lr_scale", 0.0)])
+def test_lr_factors_out_of_range_are_rejected(tmp_path, key, value):
+    with pytest.raises(ValueError, match=f"monitor.{key}"):
+        load_config(TrainConfig, tiny_config(tmp_path / "run", **{f"monitor.{key}": value}))
+
+
 def test_a_checkpoint_is_healthy_only_once_the_next_steps_rollouts_are(tmp_path):
     # The checkpoint after step s holds the weights that step s + 1 rolls out with: step 3's
     # warning condemns the step-2 checkpoint, so the rollback target stays step 1's.

@@ -475,12 +475,26 @@ class Trainer:
             self.supervision.pending_sft_steps += mon.interleave_sft_steps
             self.log.event(step, "action", f"{mon.interleave_sft_steps} SFT steps on erroneous tasks scheduled",
                            reason=verdict.reasons[0])
+        rolled_back = False
         if verdict.severe and self.supervision.rollbacks < mon.max_rollbacks:
             if self.healthy_checkpoint and Path(self.healthy_checkpoint).is_dir():
                 self.rollback(step, verdict.reasons[0])
+                rolled_back = True
             else:
                 self.log.event(step, "action", "rollback wanted but no healthy checkpoint is kept",
                                reason=verdict.reasons[0])
+        if not rolled_back and mon.warning_lr_factor < 1:
+            self._scale_lr(mon.warning_lr_factor)
+            self.log.event(step, "action", f"LR cut to x{self.supervision.lr_scale:g}", reason=verdict.reasons[0])
+
+    def _scale_lr(self, factor: float) -> None:
+        """Multiply the RL learning rate by factor (floored at monitor.min_lr_scale), schedule kept."""
+        sup = self.supervision
+        sup.lr_scale = max(sup.lr_scale * factor, self.cfg.monitor.min_lr_scale)
+        self.scheduler.base_lrs = [self.cfg.optim.lr * sup.lr_scale for _ in self.scheduler.base_lrs]
+        lam = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            g["lr"] = base * lam
 
     def rollback(self, step: int, reason: str) -> None:
         mon = self.cfg.monitor
@@ -490,11 +504,7 @@ class Trainer:
                         restore_rng=False)
         self.supervision.load_state_dict(keep)       # supervision settings survive the rollback
         self.supervision.rollbacks += 1
-        self.supervision.lr_scale *= mon.rollback_lr_factor
-        self.scheduler.base_lrs = [self.cfg.optim.lr * self.supervision.lr_scale for _ in self.scheduler.base_lrs]
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
-            g["lr"] = base * factor
+        self._scale_lr(mon.rollback_lr_factor)
         self._sync()
         self.log.event(step, "action", f"rolled back to {Path(ckpt).name} with LR x{self.supervision.lr_scale:g}",
                        reason=reason)

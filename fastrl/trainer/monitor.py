@@ -21,6 +21,10 @@ healthy run of a confident model (at temperature 1 some rollout samples a digit 
 The monitor raises `collapse_warning` after `patience` consecutive steps with at least one signal. A
 warning with format_error_rate above `rollback_format_error_rate` is `severe`. The trainer acts
 on the verdict according to `policy` (off | monitor | stabilize); see fastrl.trainer.grpo.
+Under `stabilize` every warning multiplies the LR by `warning_lr_factor` and a rollback by
+`rollback_lr_factor`, never below `min_lr_scale` of the configured LR: a warning says the updates
+are already moving the control-token distribution too far, and the LR that got the run there would
+take it there again after a rollback.
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ class MonitorConfig:
     # stabilize actions
     sft_weight_on_warning: float = 0.5      # synchronous expert-SFT weight while warned
     interleave_sft_steps: int = 2           # SFT steps on erroneous tasks right after a warning
+    warning_lr_factor: float = 1.0          # LR multiplier per warning (1.0: leave the LR alone)
+    min_lr_scale: float = 0.05              # floor of the product of all LR cuts
     rollback_format_error_rate: float = 0.5
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 2
@@ -53,6 +59,9 @@ class MonitorConfig:
             raise ValueError(f"monitor.policy must be 'off', 'monitor' or 'stabilize', got {self.policy!r}")
         if not 0 <= self.baseline_decay < 1:
             raise ValueError(f"monitor.baseline_decay must be in [0, 1), got {self.baseline_decay}")
+        for name in ("warning_lr_factor", "rollback_lr_factor", "min_lr_scale"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"monitor.{name} must be in (0, 1], got {getattr(self, name)}")
         if self.patience < 1:
             raise ValueError(f"monitor.patience must be >= 1, got {self.patience}")
 
