@@ -195,7 +195,7 @@ def run_drill(out_dir=None, quick: bool = False) -> dict:
         "# fastrl collapse drill", "",
         f"Both runs start from the SFT'd tiny model (held-out success {pre_success:.0%}) and run RL only "
         f"at a learning rate of {drill['optim']['lr']:g} ({DRILL_LR_FACTOR:g}x the demo's). "
-        "Run A only monitors; run B uses the `stabilize` policy (SFT on erroneous tasks, roll back "
+        "Run A only monitors; run B uses the `stabilize` policy (SFT on erroneous tasks, an LR cut on every warning, roll back "
         "with a lower LR).", "",
         f"- A: first collapse warning at step {warn_a}; format-error rate first above 50% at step {broke_a}; "
         f"final success {outcome['A']['success']:.0%}, format errors {outcome['A']['format_error_rate']:.0%}",
