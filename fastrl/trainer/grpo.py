@@ -363,10 +363,12 @@ class Trainer:
         while self.sft_done < cfg.sft_warmup_steps:
             # Its own stretch of the seeded task stream, far from the RL steps'.
             tasks = self._tasks_for_step(SFT_TASK_STREAM + self.sft_done, cfg.sft_warmup_tasks)
-            r = self._sft_step(tasks, sft_warmup_lr(cfg, self.sft_done))
+            lr = sft_warmup_lr(cfg, self.sft_done)
+            r = self._sft_step(tasks, lr)
             self.sft_done += 1
-            self.log.event(0, "sft_warmup", f"SFT warm-up step {self.sft_done}: loss {r.loss:.4f}",
-                           loss=r.loss, echo=self.sft_done % 25 == 0 or self.sft_done == cfg.sft_warmup_steps)
+            # The fields print after the message: "... step 25/700 (loss=0.6873 lr=0.003)".
+            self.log.event(0, "sft_warmup", f"SFT warm-up step {self.sft_done}/{cfg.sft_warmup_steps}",
+                           loss=r.loss, lr=lr, echo=self.sft_done % 25 == 0 or self.sft_done == cfg.sft_warmup_steps)
         self._sync()
 
     def rl_step(self) -> dict:
