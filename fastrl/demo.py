@@ -44,8 +44,8 @@ DEMO_CONFIG = {
     "loss": {"eps_high": 0.28},
     "supervision": {"scheme": "sync", "sft_weight": 0.1, "ops_expert_sft": False, "ets_window": 4,
                     "ets_max_tasks": 8, "hbg_hinted": 1},
-    # Halve the LR on every collapse warning (and again on a rollback): the LR that produced the
-    # warning would otherwise drive a rolled-back run into the same collapse (see the drill).
+    # Halve the LR on every collapse warning (a rollback halves it through rollback_lr_factor):
+    # the LR that produced the warning would drive a rolled-back run into the same collapse (drill).
     "monitor": {"policy": "stabilize", "warning_lr_factor": 0.5},
 }
 

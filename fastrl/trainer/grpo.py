@@ -477,15 +477,13 @@ class Trainer:
             self.supervision.pending_sft_steps += mon.interleave_sft_steps
             self.log.event(step, "action", f"{mon.interleave_sft_steps} SFT steps on erroneous tasks scheduled",
                            reason=verdict.reasons[0])
-        rolled_back = False
         if verdict.severe and self.supervision.rollbacks < mon.max_rollbacks:
             if self.healthy_checkpoint and Path(self.healthy_checkpoint).is_dir():
-                self.rollback(step, verdict.reasons[0])
-                rolled_back = True
-            else:
-                self.log.event(step, "action", "rollback wanted but no healthy checkpoint is kept",
-                               reason=verdict.reasons[0])
-        if not rolled_back and mon.warning_lr_factor < 1:
+                self.rollback(step, verdict.reasons[0])      # makes its own LR cut
+                return
+            self.log.event(step, "action", "rollback wanted but no healthy checkpoint is kept",
+                           reason=verdict.reasons[0])
+        if mon.warning_lr_factor < 1:
             self._scale_lr(mon.warning_lr_factor)
             self.log.event(step, "action", f"LR cut to x{self.supervision.lr_scale:g}", reason=verdict.reasons[0])
 

@@ -21,8 +21,8 @@ healthy run of a confident model (at temperature 1 some rollout samples a digit 
 The monitor raises `collapse_warning` after `patience` consecutive steps with at least one signal. A
 warning with format_error_rate above `rollback_format_error_rate` is `severe`. The trainer acts
 on the verdict according to `policy` (off | monitor | stabilize); see fastrl.trainer.grpo.
-Under `stabilize` every warning multiplies the LR by `warning_lr_factor` and a rollback by
-`rollback_lr_factor`, never below `min_lr_scale` of the configured LR: a warning says the updates
+Under `stabilize` every warning multiplies the LR by `warning_lr_factor`, or by
+`rollback_lr_factor` when it rolls back, never below `min_lr_scale` of the configured LR: a warning says the updates
 are already moving the control-token distribution too far, and the LR that got the run there would
 take it there again after a rollback.
 """
