@@ -213,6 +213,43 @@ def test_template_that_is_not_prefix_stable_is_rejected(rng):
         render_observation(tok, messages, [{"role": "tool", "content": RESULT_1}])
 
 
+class _GoldEnv:
+    """The smallest env expert_trajectory needs: a gold conversation and no tool specs."""
+    def __init__(self, messages):
+        self.messages = messages
+
+    def gold_messages(self, task, hint=False):
+        return [dict(m) for m in self.messages]
+
+    def reset(self, task, hint=False):
+        return type("State", (), {"tools": None})()
+
+
+GOLD = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER},
+        {"role": "assistant", "content": CALL_1}, {"role": "tool", "content": RESULT_1},
+        {"role": "assistant", "content": RESULT_1B}]
+
+
+def test_expert_trajectory_cuts_each_gold_turn_out_of_one_rendering(tok):
+    from fastrl.rollout.expert import expert_trajectory
+    traj = expert_trajectory(_GoldEnv(GOLD), "t0", tok, score=False)
+    full = tok.apply_chat_template(GOLD, tokenize=True, return_dict=False)
+    assert traj.token_ids.tolist() == full
+    texts = [tok.decode(traj.token_ids[a:b]) for a, b in traj.assistant_spans()]
+    assert texts == [CALL_1 + "<|im_end|>", RESULT_1B + "<|im_end|>"]
+
+
+def test_expert_trajectory_rejects_a_template_that_is_not_prefix_stable():
+    from fastrl.rollout.expert import expert_trajectory
+    unstable = CHATML_TOOLS.replace("{{- '<|im_start|>system\\n' + system }}",
+                                    "{{- '<|im_start|>system\\n' + system + ' ' + "
+                                    "(messages | length | string) }}")
+    tok = build_tokenizer(unstable)
+    tok.add_tokens([str(i) for i in range(10)])
+    with pytest.raises(TemplateNotPrefixStableError, match="task t7: .*up to message 2"):
+        expert_trajectory(_GoldEnv(GOLD), "t7", tok, score=False)
+
+
 def test_observation_input_checks(tok, rng):
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER}]
     with pytest.raises(ValueError, match="must end with the assistant turn"):

@@ -27,18 +27,21 @@ def expert_trajectory(env, task, tokenizer, *, hint: bool = False, score: bool =
     turns = [k for k, m in enumerate(messages) if m.get("role") == "assistant"]
     if not turns:
         raise ValueError(f"task {task_id}: the gold conversation has no assistant turn")
+    # One rendering per assistant turn (the history plus the generation prompt), not two: the
+    # turn runs from there to the first end-of-turn token of the whole rendering, and the next
+    # turn's prefix check confirms that the whole rendering holds this turn as its history.
     for k in turns:
-        start = len(render_messages(tokenizer, messages[:k], tools, True))
-        through = render_messages(tokenizer, messages[:k + 1], tools, False)
-        end = max((i + 1 for i in range(start, len(through)) if through[i] == eot), default=None)
+        prefix = render_messages(tokenizer, messages[:k], tools, True)
+        start = len(prefix)
+        if full[:start] != prefix or start < cursor:
+            raise TemplateNotPrefixStableError(
+                f"task {task_id}: the rendering of the gold conversation up to message {k} (with "
+                "the generation prompt) is not a prefix of the whole rendering; token-space "
+                "trajectories need a prefix-stable chat template")
+        end = next((i + 1 for i in range(start, len(full)) if full[i] == eot), None)
         if end is None:
             raise ValueError(f"task {task_id}: the template rendered no end-of-turn token for "
                              f"gold message {k}")
-        if full[:end] != through[:end] or start < cursor:
-            raise TemplateNotPrefixStableError(
-                f"task {task_id}: rendering the gold conversation through message {k} is not a "
-                "prefix of the whole rendering; token-space trajectories need a prefix-stable "
-                "chat template")
         if start > cursor:
             (traj.add_prompt if cursor == 0 else traj.add_observation)(full[cursor:start])
         traj.add_assistant(full[start:end])
