@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import time
@@ -56,6 +57,15 @@ def prepare_model_path(cfg: TrainConfig) -> str:
     if not (path / "config.json").is_file():
         build_tiny_model(path, hidden_size=cfg.model.tiny_hidden_size, num_layers=cfg.model.tiny_layers,
                          seed=cfg.model.tiny_seed)
+        return str(path)
+    # A rerun into the same run dir reuses the model built there; a changed size must not be
+    # silently replaced by the old one.
+    built = json.loads((path / "config.json").read_text())
+    for key, field in (("hidden_size", "tiny_hidden_size"), ("num_hidden_layers", "tiny_layers")):
+        if built.get(key) != getattr(cfg.model, field):
+            raise ValueError(f"{path} holds a tiny model with {key}={built.get(key)}, but "
+                             f"model.{field} = {getattr(cfg.model, field)}; use a new run_dir "
+                             "or remove that one")
     return str(path)
 
 
