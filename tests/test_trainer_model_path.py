@@ -29,3 +29,15 @@ def test_a_user_model_dir_is_used_as_given(tmp_path):
     cfg = load_config(TrainConfig, {"run_dir": str(tmp_path), "model": {"path": "/some/model"}})
     assert prepare_model_path(cfg) == "/some/model"
     assert not (tmp_path / "base_model").exists()
+
+
+def test_tiny_heads_set_the_head_count_and_bad_counts_are_rejected(tmp_path):
+    from fastrl.config import ConfigError
+    cfg = load_config(TrainConfig, {"run_dir": str(tmp_path),
+                                    "model": {"tiny_hidden_size": 96, "tiny_heads": 6, "tiny_layers": 1}})
+    built = json.loads((tmp_path / "base_model" / "config.json").read_text()
+                       if prepare_model_path(cfg) else "{}")
+    assert built["num_attention_heads"] == 6 and built["hidden_size"] == 96
+    for heads in (0, 5, 7):
+        with pytest.raises(ConfigError, match=f"model.tiny_heads = {heads} must be even"):
+            load_config(TrainConfig, {"model": {"tiny_hidden_size": 96, "tiny_heads": heads}})

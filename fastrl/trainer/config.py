@@ -13,6 +13,7 @@ class ModelConfig:
     path: str | None = None            # a Hugging Face model dir; None builds the tiny model below
     tiny_hidden_size: int = 128        # tiny model (fastrl.models.build_tiny_model)
     tiny_layers: int = 2
+    tiny_heads: int = 4                # head_dim = tiny_hidden_size / tiny_heads (vLLM on CPU: 32, 64, ...)
     tiny_seed: int = 0
     dtype: str = "float32"             # float32 | bfloat16 (GPU)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
@@ -22,6 +23,10 @@ class ModelConfig:
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.tiny_heads < 1 or self.tiny_hidden_size % self.tiny_heads or self.tiny_heads % 2:
+            # build_tiny_model uses 2 key-value heads (grouped-query attention).
+            raise ValueError(f"model.tiny_heads = {self.tiny_heads} must be even and divide "
+                             f"model.tiny_hidden_size = {self.tiny_hidden_size}")
 
 
 @dataclass

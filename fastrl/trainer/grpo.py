@@ -56,12 +56,13 @@ def prepare_model_path(cfg: TrainConfig) -> str:
     path = Path(cfg.run_dir) / "base_model"
     if not (path / "config.json").is_file():
         build_tiny_model(path, hidden_size=cfg.model.tiny_hidden_size, num_layers=cfg.model.tiny_layers,
-                         seed=cfg.model.tiny_seed)
+                         num_heads=cfg.model.tiny_heads, seed=cfg.model.tiny_seed)
         return str(path)
     # A rerun into the same run dir reuses the model built there; a changed size must not be
     # silently replaced by the old one.
     built = json.loads((path / "config.json").read_text())
-    for key, field in (("hidden_size", "tiny_hidden_size"), ("num_hidden_layers", "tiny_layers")):
+    for key, field in (("hidden_size", "tiny_hidden_size"), ("num_hidden_layers", "tiny_layers"),
+                       ("num_attention_heads", "tiny_heads")):
         if built.get(key) != getattr(cfg.model, field):
             raise ValueError(f"{path} holds a tiny model with {key}={built.get(key)}, but "
                              f"model.{field} = {getattr(cfg.model, field)}; use a new run_dir "
