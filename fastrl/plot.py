@@ -70,7 +70,17 @@ def _load(run_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
         raise ValueError(f"{run_dir / METRICS_FILE} has no metrics yet")
     # one record per step (the last wins: a run resumed without truncation repeats steps)
     by_step = {int(r["step"]): r for r in records if "step" in r}
-    return [by_step[s] for s in sorted(by_step)], read_events(run_dir)
+    return [by_step[s] for s in sorted(by_step)], _drop_progress(read_events(run_dir))
+
+
+# Progress events (one per SFT warm-up step, all at step 0) are drawn once, the last of each kind:
+# hundreds of labels on one line are unreadable.
+PROGRESS_KINDS = ("sft_warmup",)
+
+
+def _drop_progress(events: list[dict]) -> list[dict]:
+    last = {e["kind"]: i for i, e in enumerate(events) if e.get("kind") in PROGRESS_KINDS}
+    return [e for i, e in enumerate(events) if e.get("kind") not in PROGRESS_KINDS or last[e["kind"]] == i]
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]] | None:

@@ -112,3 +112,18 @@ def test_plot_runs_overlay(tmp_path, capsys):
     main([str(tmp_path / "sync"), str(tmp_path / "interleaved"), "--out", str(tmp_path / "c.png")])
     assert capsys.readouterr().out.strip() == str(tmp_path / "c.png")
     assert_png(tmp_path / "c.png")
+
+
+def test_sft_warmup_progress_events_are_drawn_once(tmp_path):
+    """Hundreds of per-step warm-up events (all at step 0) collapse to the last one; monitor
+    events stay, each of them."""
+    from fastrl.plot import _load
+    fake_run(tmp_path / "run", steps=12, collapse_at=6)
+    n = random.randint(30, 80)
+    with MetricsLogger(tmp_path / "run", progress=False) as log:
+        for i in range(1, n + 1):
+            log.event(0, "sft_warmup", f"SFT warm-up step {i}/{n}", echo=False)
+    _, events = _load(tmp_path / "run")
+    warm = [e for e in events if e["kind"] == "sft_warmup"]
+    assert [e["message"] for e in warm] == [f"SFT warm-up step {n}/{n}"]
+    assert sorted(e["kind"] for e in events) == ["action", "sft_warmup", "skip", "warning"]
