@@ -71,3 +71,26 @@ def test_patience_and_off_policy_and_state_roundtrip():
     assert not off.update(healthy(rng) | {"format_error_rate": 1.0}).warning
     with pytest.raises(ValueError, match="monitor.policy"):
         MonitorConfig(policy="panic").validate()
+
+
+def test_reward_drop_against_the_running_baseline():
+    """Off by default; when set, a reward below ratio x the EMA of healthy steps' rewards warns,
+    a reward just above it does not, and the bad step does not move the baseline."""
+    rng = np.random.default_rng()
+    rewards = 0.6 + 0.3 * rng.random(5)
+    off, on = CollapseMonitor(MonitorConfig()), CollapseMonitor(MonitorConfig(reward_drop_ratio=0.5))
+    for r in rewards:
+        for mon in (off, on):
+            assert not mon.update(healthy(rng) | {"reward_mean": float(r)}).warning
+    expect = rewards[0]
+    for r in rewards[1:]:
+        expect = 0.7 * expect + 0.3 * r
+    assert on.baseline["reward_mean"] == pytest.approx(expect)
+    low = 0.5 * expect * (0.5 + 0.4 * rng.random())
+    assert not off.update(healthy(rng) | {"reward_mean": low}).warning
+    v = on.update(healthy(rng) | {"reward_mean": low})
+    assert v.warning and not v.severe and any("reward_mean" in r for r in v.reasons)
+    assert on.baseline["reward_mean"] == pytest.approx(expect)
+    assert not on.update(healthy(rng) | {"reward_mean": 0.51 * expect}).warning
+    with pytest.raises(ValueError, match="monitor.reward_drop_ratio"):
+        MonitorConfig(reward_drop_ratio=1.5).validate()

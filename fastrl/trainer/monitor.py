@@ -12,11 +12,14 @@ detector checks each step against
   a running baseline    intrusion_mean > intrusion_ratio * baseline and > intrusion_floor
   (EMA over healthy     control_confidence_mean < baseline - confidence_drop
    steps, after         entropy_mean > entropy_ratio * baseline
-   warmup_steps)
+   warmup_steps)        reward_mean < reward_drop_ratio * baseline (off by default)
 
 `max_intrusion` is off by default: a maximum over thousands of sampled tokens saturates in a
 healthy run of a confident model (at temperature 1 some rollout samples a digit where the model put
 ~all its mass on `</answer>`), so it fires every step; the mean and the spike rate do not.
+`reward_drop_ratio` is off by default too: it catches a run whose format holds while its answers
+go wrong (the drill's run A ends with 1% format errors and 0% success), but the reward of a small
+group at temperature 1 swings by a third from step to step, so the ratio has to suit the task.
 
 The monitor raises `collapse_warning` after `patience` consecutive steps with at least one signal. A
 warning with format_error_rate above `rollback_format_error_rate` is `severe`. The trainer acts
@@ -42,6 +45,7 @@ class MonitorConfig:
     intrusion_floor: float = 0.02
     confidence_drop: float = 0.5
     entropy_ratio: float = 2.5
+    reward_drop_ratio: float | None = None  # None: off (see the module docstring)
     baseline_decay: float = 0.7             # EMA weight of the old baseline
     warmup_steps: int = 2
     patience: int = 1
@@ -62,6 +66,8 @@ class MonitorConfig:
         for name in ("warning_lr_factor", "rollback_lr_factor", "min_lr_scale"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"monitor.{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.reward_drop_ratio is not None and not 0 < self.reward_drop_ratio < 1:
+            raise ValueError(f"monitor.reward_drop_ratio must be in (0, 1) or null, got {self.reward_drop_ratio}")
         if self.patience < 1:
             raise ValueError(f"monitor.patience must be >= 1, got {self.patience}")
 
@@ -73,7 +79,7 @@ class Verdict:
     reasons: list[str] = field(default_factory=list)
 
 
-BASELINE_KEYS = ("intrusion_mean", "control_confidence_mean", "entropy_mean")
+BASELINE_KEYS = ("intrusion_mean", "control_confidence_mean", "entropy_mean", "reward_mean")
 
 
 @dataclass
@@ -114,6 +120,10 @@ class CollapseMonitor:
                     and m["entropy_mean"] > c.entropy_ratio * b["entropy_mean"] + 0.05:
                 out.append(f"entropy_mean {m['entropy_mean']:.3f} > {c.entropy_ratio}x baseline "
                            f"{b['entropy_mean']:.3f}")
+            if c.reward_drop_ratio is not None and get("reward_mean") is not None \
+                    and b.get("reward_mean", 0) > 0 and m["reward_mean"] < c.reward_drop_ratio * b["reward_mean"]:
+                out.append(f"reward_mean {m['reward_mean']:.3f} < {c.reward_drop_ratio}x baseline "
+                           f"{b['reward_mean']:.3f}")
         return out
 
     def update(self, metrics: dict) -> Verdict:
