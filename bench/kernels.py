@@ -237,6 +237,34 @@ def run_shape(n, h, v, modes, backend, dtype, reps):
     return rows
 
 
+def tune_stats_fwd(n, h, v, dtype, reps):
+    """Time every CUDA_CANDIDATES tile config of the forward stats kernel at one shape; set the
+    fastest as CUDA_CONFIG for the rest of this run and return all timings (floor included)."""
+    import triton
+
+    from fastrl.kernels import linear_token_stats as k
+
+    b = make_inputs(n, h, v, dtype, "cuda", 1)[0]
+    x, w, y = b["x"].detach(), b["w"].detach(), b["y"]
+    floor = triton.testing.do_bench(lambda: x @ w.T, warmup=25, rep=reps, return_mode="median")
+    results = []
+    for cfg in k.CUDA_CANDIDATES:
+        row = dict(config=cfg)
+        try:
+            ms = triton.testing.do_bench(lambda: k.linear_stats_fwd(x, w, y, 1.0, **cfg), warmup=25,
+                                         rep=reps, return_mode="median")
+            row.update(median_ms=ms, x_floor=ms / floor)
+        except Exception as e:  # e.g. out of shared memory for this tile on this GPU
+            row["error"] = f"{type(e).__name__}: {e}"[:200]
+        print(row, flush=True)
+        results.append(row)
+    ok = [r for r in results if "median_ms" in r]
+    if ok:
+        k.CUDA_CONFIG.clear()
+        k.CUDA_CONFIG.update(min(ok, key=lambda r: r["median_ms"])["config"])
+    return dict(N=n, H=h, V=v, floor_ms=floor, candidates=results, chosen=dict(k.CUDA_CONFIG))
+
+
 def environment():
     import triton
 
@@ -283,6 +311,9 @@ def main(argv=None):
     parser.add_argument("--backend", default="triton")
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench measurement window per case")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--tune", action="store_true",
+                        help="first time the forward kernel's tile configs at the first shape, use the fastest")
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.kernels needs a CUDA GPU (CPU microbenchmarks: make bench)")
@@ -293,6 +324,11 @@ def main(argv=None):
     else:
         shapes = [(n, h, v) for (h, v) in PROTOCOL_HV for n in PROTOCOL_N]
     env = environment()
+    from fastrl.kernels import linear_token_stats as stats_kernel
+
+    if args.tune:
+        env["tune"] = tune_stats_fwd(*shapes[0], torch.bfloat16, args.rep_ms)
+    env["stats_fwd_config"] = dict(stats_kernel.CUDA_CONFIG)
     rows = []
     for n, h, v in shapes:
         print(f"== N={n} H={h} V={v}", flush=True)
@@ -300,7 +336,7 @@ def main(argv=None):
         print(to_markdown(env, [r for r in rows if (r["N"], r["H"], r["V"]) == (n, h, v)]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = (env["gpu"] or "gpu").lower().replace(" ", "_")
+    tag = (env["gpu"] or "gpu").lower().replace(" ", "_") + args.tag
     (out / f"kernels_{tag}.json").write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
     (out / f"kernels_{tag}.md").write_text(to_markdown(env, rows))
     print(f"wrote {out}/kernels_{tag}.json and .md")

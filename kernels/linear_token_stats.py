@@ -85,9 +85,25 @@ def _linear_stats_fwd_kernel(
     tl.store(ZY_OUT + out, zy, mask=row_mask)
 
 
+# Tile config on CUDA; `python -m bench.kernels --tune` times the candidates below and reports
+# the fastest (the benchmark JSON records which config each result used).
+CUDA_CONFIG = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3)
+CUDA_CANDIDATES = [
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=4, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=4),
+    dict(BLOCK_N=256, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=32, GROUP_N=8, num_warps=8, num_stages=5),
+    dict(BLOCK_N=64, BLOCK_V=256, BLOCK_H=64, GROUP_N=8, num_warps=4, num_stages=4),
+    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=128, GROUP_N=8, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, GROUP_N=16, num_warps=8, num_stages=3),
+]
+
+
 def _default_config(hidden: torch.Tensor) -> dict:
     if hidden.is_cuda:
-        return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3)
+        return dict(CUDA_CONFIG)
     # Interpreter (CPU tensors): small tiles keep it quick while still exercising ragged edges.
     return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, GROUP_N=2, num_warps=4, num_stages=1)
 

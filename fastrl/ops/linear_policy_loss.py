@@ -31,6 +31,7 @@ from fastrl.ops.linear_token_stats import (
     DEFAULT_WORKSPACE_BYTES,
     accumulate_weight_grad,
     as_control_ids,
+    chunk_workspace,
     check_linear_inputs,
     check_temperature,
     logits_fp32,
@@ -38,6 +39,7 @@ from fastrl.ops.linear_token_stats import (
     resolve_backend,
     rows_per_chunk,
     softmax_row_stats,
+    weight_grad_buffer,
 )
 from fastrl.ops.token_kind import TokenKind
 
@@ -177,8 +179,11 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         dx, dw = ctx.saved_tensors
-        gx = (dx * grad_out.to(dx.dtype)) if ctx.has_dx else None
-        gw = (dw * grad_out.to(dw.dtype)) if ctx.has_dw else None
+        # In place: dx and dw are this call's own buffers and the graph is freed after backward
+        # (a second backward would need retain_graph, which the op does not support), so scaling
+        # by the upstream gradient costs no second [V, H] copy.
+        gx = dx.mul_(grad_out.to(dx.dtype)) if ctx.has_dx else None
+        gw = dw.mul_(grad_out.to(dw.dtype)) if ctx.has_dw else None
         return gx, gw, None, None, None
 
 
@@ -240,7 +245,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     need_dx = hidden.requires_grad and torch.is_grad_enabled()
     need_dw = weight.requires_grad and torch.is_grad_enabled()
 
-    x_all = hidden.detach().index_select(0, idx)
+    all_rows = n_act == n   # the usual packed batch: no gathered copy of hidden, dx written in place
+    x_all = hidden.detach() if all_rows else hidden.detach().index_select(0, idx)
     w = weight.detach()
     y_all = targets.index_select(0, idx).long()
     sel = lambda t: None if t is None else t.index_select(0, idx)  # noqa: E731
@@ -254,11 +260,11 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     clip_a = torch.zeros(n_act, device=device, dtype=torch.bool)
     kl_a = torch.zeros(n_act, device=device)
     dx_a = torch.empty_like(x_all) if need_dx else None
-    dw32 = torch.zeros(weight.shape, dtype=torch.float32, device=device) if need_dw else None
+    dw_acc = weight_grad_buffer(weight, cfg.workspace_bytes) if need_dw else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
     extra = 0 if hidden.dtype == torch.float32 else hidden.element_size()
-    rows = rows_per_chunk(vocab, 4 + extra, cfg.workspace_bytes) if n_act else 1
+    rows = rows_per_chunk(vocab, 4 + extra, chunk_workspace(weight, dw_acc, cfg.workspace_bytes)) if n_act else 1
     w_mm = w if (w.dtype == torch.float32 or w.is_cuda) else w.float()
     for start in range(0, n_act, rows):
         end = min(start + rows, n_act)
@@ -288,14 +294,15 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
             if need_dx:
                 dx_a[start:end] = dz @ w
             if need_dw:
-                accumulate_weight_grad(dw32, dz, x)
+                accumulate_weight_grad(dw_acc, dz, x)
             del dz
         del logits
 
     dx = None
     if need_dx:
-        dx = torch.zeros_like(hidden).index_copy_(0, idx, dx_a)
-    dw = dw32.to(weight.dtype) if need_dw else None
+        dx = dx_a if all_rows else torch.zeros_like(hidden).index_copy_(0, idx, dx_a)
+    dw = dw_acc.to(weight.dtype) if need_dw else None
+    del dw_acc
     loss_value = loss_sum.float()
     loss = _PolicyLoss.apply(hidden, weight, loss_value, dx, dw) if (need_dx or need_dw) else loss_value
 

@@ -116,21 +116,42 @@ def logits_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.float() @ w.float().T
 
 
-def accumulate_weight_grad(dw32: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
-    """dw32 += dz^T @ x, accumulated in fp32 across chunks (bf16 accumulation drifts)."""
-    if dz.dtype == torch.float32:
-        dw32.addmm_(dz.T, x)
+def weight_grad_buffer(weight: torch.Tensor, workspace_bytes: int) -> torch.Tensor:
+    """Zeroed accumulator for dW across token chunks.
+
+    fp32 when the weight is fp32, or when an fp32 copy fits in half the workspace (small vocab x
+    hidden). Otherwise (a 152k x 4096 bf16 head: a 2.5 GB fp32 copy) it is the weight's own dtype:
+    each chunk's GEMM still accumulates in fp32 inside cuBLAS and rounds once when added, so a
+    batch of c chunks rounds c times, the price of keeping the workspace bound.
+    """
+    fp32_bytes = weight.numel() * 4
+    dtype = torch.float32 if (weight.dtype == torch.float32 or fp32_bytes <= workspace_bytes // 2) \
+        else weight.dtype
+    return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+
+
+def chunk_workspace(weight: torch.Tensor, dw_buffer: torch.Tensor | None, workspace_bytes: int) -> int:
+    """What is left of the workspace for logits chunks once an extra fp32 dW buffer is taken."""
+    if dw_buffer is None or dw_buffer.dtype == weight.dtype:
+        return workspace_bytes
+    return workspace_bytes - dw_buffer.numel() * dw_buffer.element_size()
+
+
+def accumulate_weight_grad(dw: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
+    """dw += dz^T @ x with fp32 accumulation inside the product; dw fp32 or dz's dtype."""
+    if dw.dtype == dz.dtype:
+        dw.addmm_(dz.T, x)          # cuBLAS/CPU accumulate in fp32, one rounding per chunk
         return
     if dz.is_cuda:
         try:
-            torch.addmm(dw32, dz.T, x, out_dtype=torch.float32, out=dw32)
+            torch.addmm(dw, dz.T, x, out_dtype=torch.float32, out=dw)
             return
         except (TypeError, RuntimeError):
             warnings.warn("torch.addmm(out_dtype=float32) unavailable: dW rounds once per chunk",
                           stacklevel=2)
-            dw32 += (dz.T @ x).float()
+            dw += (dz.T @ x).float()
             return
-    dw32.addmm_(dz.T.float(), x.float())
+    dw.addmm_(dz.T.float(), x.float())
 
 
 def rows_per_chunk(vocab: int, bytes_per_logit: int, workspace_bytes: int) -> int:
@@ -181,12 +202,12 @@ def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, en
     n = hidden.shape[0]
     vocab = weight.shape[0]
     dx = torch.empty_like(hidden) if need_dx else None
-    dw32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    dw_acc = weight_grad_buffer(weight, workspace_bytes) if need_dw else None
     if n == 0:
-        return dx, (dw32.to(weight.dtype) if need_dw else None)
+        return dx, (dw_acc.to(weight.dtype) if need_dw else None)
     extra = 0 if hidden.dtype == torch.float32 else hidden.element_size()
     # One more fp32 chunk buffer: logits * inv_tau for the chunk's logsumexp.
-    rows = rows_per_chunk(vocab, 8 + extra, workspace_bytes)
+    rows = rows_per_chunk(vocab, 8 + extra, chunk_workspace(weight, dw_acc, workspace_bytes))
     a_all = -g_h * entropy - g_y - (g_c.sum(dim=1) if g_c.numel() else 0.0)
     b_all = -g_h
     for start in range(0, n, rows):
@@ -201,9 +222,9 @@ def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, en
         if need_dx:
             dx[start:end] = dz @ weight
         if need_dw:
-            accumulate_weight_grad(dw32, dz, x)
+            accumulate_weight_grad(dw_acc, dz, x)
         del logits, dz
-    return dx, (dw32.to(weight.dtype) if need_dw else None)
+    return dx, (dw_acc.to(weight.dtype) if need_dw else None)
 
 
 def _forward_stats(hidden, weight, targets, inv_tau, backend, workspace_bytes):
