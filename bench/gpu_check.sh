@@ -16,19 +16,23 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 && rm "$OUT/install.log" || { tail -30 "$OUT/install.log"; exit 1; }
 python3 -c "import fastrl, json; print(json.dumps(fastrl.info()))"
 
 echo "== GPU tests"
-timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_linear_token_stats.py \
+timeout "${TEST_TIMEOUT:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_linear_token_stats.py \
   tests/test_linear_policy_loss.py tests/test_package.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 
 echo "== kernel benchmark"
-timeout "${BENCH_TIMEOUT:-270}" python3 -m bench.kernels --tune $BENCH_ARGS --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -45
+timeout "${BENCH_TIMEOUT:-200}" python3 -m bench.kernels --tune --breakdown $BENCH_ARGS --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -45
 
-echo "== trainer on CUDA (bf16, liger layer kernels, gradient checkpointing)"
-timeout "${TRAIN_TIMEOUT:-80}" python3 -m fastrl train configs/synthetic_cpu.yaml --set run_dir=/tmp/gpu_run \
-  --set steps=3 --set sft_warmup_steps=40 --set model.dtype=bfloat16 --set model.liger_kernels=true \
+echo "== peak extra memory of fastrl across N (the protocol's smallest and largest N)"
+timeout "${MEM_TIMEOUT:-80}" python3 -m bench.kernels --shapes 2048x4096x151936 32768x4096x151936 \
+  --impls fastrl cublas_floor --rep-ms 50 --tag _memory --out "$OUT" 2>&1 | tee "$OUT/bench_memory.log" | tail -20
+
+echo "== trainer on CUDA (bf16, liger layer kernels, gradient checkpointing)"; date +%T
+timeout "${TRAIN_TIMEOUT:-110}" python3 -m fastrl train configs/synthetic_cpu.yaml --set run_dir=/tmp/gpu_run \
+  --set steps=2 --set sft_warmup_steps=20 --set model.dtype=bfloat16 --set model.liger_kernels=true \
   --set model.gradient_checkpointing=true --set rollout.engine=hf --set env.eval_tasks=16 \
   --set checkpoint_every=3 2>&1 | tee "$OUT/train.log" | tail -20
-tail -n 3 /tmp/gpu_run/metrics.jsonl 2>/dev/null
+date +%T; tail -n 3 /tmp/gpu_run/metrics.jsonl 2>/dev/null

@@ -19,6 +19,7 @@ fp32 reference computed from the same bf16 inputs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -29,6 +30,8 @@ from pathlib import Path
 import torch
 
 from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss, linear_token_stats
+
+lts = importlib.import_module("fastrl.ops.linear_token_stats")   # the module, not the function
 
 PROTOCOL_N = [2048, 8192, 16384, 32768]
 PROTOCOL_HV = [(1536, 151936), (3584, 152064), (4096, 151936), (4096, 131072)]
@@ -85,6 +88,18 @@ def make_candidates(mode, inputs, backend):
             return b["x"] @ b["w"].T
 
         cands.update(fastrl=fused, eager=eager, torch_compile=compiled, cublas_floor=floor)
+        # The other forward path of the triton backend, timed beside the default.
+        other = "fused" if lts.TRITON_FORWARD == "gemm_chunks" else "gemm_chunks"
+
+        def fused_other():
+            default, lts.TRITON_FORWARD = lts.TRITON_FORWARD, other
+            try:
+                return fused()
+            finally:
+                lts.TRITON_FORWARD = default
+
+        if backend == "triton":
+            cands[f"fastrl_{other}"] = fused_other
     elif mode == "fwd_bwd":
         def fused():
             b = pick()
@@ -199,7 +214,7 @@ def logprob_error(inputs, backend):
     return float((got - ref).abs().max() / ref.abs().max())
 
 
-def run_shape(n, h, v, modes, backend, dtype, reps):
+def run_shape(n, h, v, modes, backend, dtype, reps, impls=None):
     import triton
 
     device = "cuda"
@@ -210,6 +225,8 @@ def run_shape(n, h, v, modes, backend, dtype, reps):
     rows = []
     for mode in modes:
         for name, fn in make_candidates(mode, inputs, backend).items():
+            if impls and name not in impls:
+                continue
             row = dict(N=n, H=h, V=v, mode=mode, impl=name, flops_counted=f"{FLOPS_PER_NHV[mode]}NHV")
             try:
                 fn()
@@ -265,6 +282,48 @@ def tune_stats_fwd(n, h, v, dtype, reps):
     return dict(N=n, H=h, V=v, floor_ms=floor, candidates=results, chosen=dict(k.CUDA_CONFIG))
 
 
+def policy_breakdown(n, h, v, dtype, reps, workspace_bytes=lts.DEFAULT_WORKSPACE_BYTES, device="cuda"):
+    """Time each piece of one token chunk of the policy-loss step (the chunk the default workspace
+    gives) and scale by the number of chunks: where the step's time goes, beside the bare GEMMs."""
+    import triton
+
+    from fastrl.kernels.logits_grad import logits_grad
+    from fastrl.kernels.softmax_row_stats import softmax_row_stats
+
+    b = make_inputs(n, h, v, dtype, device, 1)[0]
+    x, w, y = b["x"].detach(), b["w"].detach(), b["y"]
+    buf = lts.weight_grad_buffer(w, workspace_bytes)
+    rows = lts.rows_per_chunk(v, 4 + x.element_size(), lts.chunk_workspace(w, buf, workspace_bytes))
+    rows = min(rows, n)
+    chunks = -(-n // rows)
+    xc, yc = x[:rows], y[:rows]
+    logits = lts.logits_fp32(xc, w)
+    lse, ent, _ = softmax_row_stats(logits, yc, 1.0)
+    a, bb, gy = torch.randn_like(lse), torch.randn_like(lse), torch.randn_like(lse)
+    dz = logits_grad(logits, lse, a, bb, yc, gy, 1.0, out=torch.empty_like(logits, dtype=dtype))
+    dw32 = torch.zeros(w.shape, dtype=torch.float32, device=device)
+    pieces = {
+        "gemm_logits_fp32_out": lambda: lts.logits_fp32(xc, w),
+        "gemm_logits_bf16_out": lambda: xc @ w.T,
+        "row_stats_kernel": lambda: softmax_row_stats(logits, yc, 1.0),
+        "row_stats_kernel_bv2048_w8": lambda: softmax_row_stats(logits, yc, 1.0, 2048, 8),
+        "row_stats_kernel_bv4096_w8": lambda: softmax_row_stats(logits, yc, 1.0, 4096, 8),
+        "row_stats_kernel_bv512_w2": lambda: softmax_row_stats(logits, yc, 1.0, 512, 2),
+        "torch_logsumexp": lambda: torch.logsumexp(logits, dim=1),
+        "logits_grad_kernel": lambda: logits_grad(logits, lse, a, bb, yc, gy, 1.0, out=dz),
+        "gemm_dx": lambda: dz @ w,
+        f"dw_accumulate_{str(buf.dtype).replace('torch.', '')}": lambda: lts.accumulate_weight_grad(buf, dz, xc),
+        "dw_accumulate_float32": lambda: lts.accumulate_weight_grad(dw32, dz, xc),
+        "gemm_dw_no_accumulate": lambda: dz.T @ xc,
+    }
+    out = dict(N=n, H=h, V=v, rows_per_chunk=rows, chunks=chunks, ms_whole_batch={})
+    for name, fn in pieces.items():
+        ms = triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") if reps else (fn(), 0.0)[1]
+        out["ms_whole_batch"][name] = ms * chunks
+    print(out, flush=True)
+    return out
+
+
 def environment():
     import triton
 
@@ -314,6 +373,9 @@ def main(argv=None):
     parser.add_argument("--tune", action="store_true",
                         help="first time the forward kernel's tile configs at the first shape, use the fastest")
     parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--impls", nargs="*", help="only these candidates (e.g. fastrl cublas_floor)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the pieces of the policy-loss step at the first shape")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.kernels needs a CUDA GPU (CPU microbenchmarks: make bench)")
@@ -329,10 +391,13 @@ def main(argv=None):
     if args.tune:
         env["tune"] = tune_stats_fwd(*shapes[0], torch.bfloat16, args.rep_ms)
     env["stats_fwd_config"] = dict(stats_kernel.CUDA_CONFIG)
+    env["triton_forward_default"] = lts.TRITON_FORWARD
+    if args.breakdown:
+        env["policy_breakdown"] = policy_breakdown(*shapes[0], torch.bfloat16, args.rep_ms)
     rows = []
     for n, h, v in shapes:
         print(f"== N={n} H={h} V={v}", flush=True)
-        rows += run_shape(n, h, v, args.modes, args.backend, torch.bfloat16, args.rep_ms)
+        rows += run_shape(n, h, v, args.modes, args.backend, torch.bfloat16, args.rep_ms, args.impls)
         print(to_markdown(env, [r for r in rows if (r["N"], r["H"], r["V"]) == (n, h, v)]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

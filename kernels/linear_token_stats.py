@@ -29,7 +29,7 @@ def _linear_stats_fwd_kernel(
     inv_tau,
     num_row_blocks, num_splits, v_per_split,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    GROUP_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_H: tl.constexpr,
 ):
     # Grouped launch order: GROUP_N row blocks x all splits run together, so concurrently
     # running programs share their X tiles (rows) and W tiles (vocabulary) through L2.
@@ -53,18 +53,26 @@ def _linear_stats_fwd_kernel(
 
     v_start = pid_s * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
+    offs_h = tl.arange(0, BLOCK_H)
+    x_base = X + rows[:, None] * stride_xn + offs_h[None, :] * stride_xh
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        # Pointers advance by one H tile per step (no per-element index maths in the hot loop).
+        x_ptrs = x_base
+        w_ptrs = W + cols.to(tl.int64)[:, None] * stride_wv + offs_h[None, :] * stride_wh
         for h0 in range(0, H, BLOCK_H):
-            hs = h0 + tl.arange(0, BLOCK_H)
-            h_mask = hs < H
-            x = tl.load(X + rows[:, None] * stride_xn + hs[None, :] * stride_xh,
-                        mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-            w = tl.load(W + cols.to(tl.int64)[:, None] * stride_wv + hs[None, :] * stride_wh,
-                        mask=col_mask[:, None] & h_mask[None, :], other=0.0)
+            if EVEN_H:
+                x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=col_mask[:, None], other=0.0)
+            else:
+                h_mask = (h0 + offs_h) < H
+                x = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=col_mask[:, None] & h_mask[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_H * stride_xh
+            w_ptrs += BLOCK_H * stride_wh
         # Columns past the split are -inf, never 0: a 0 would enter the softmax as a real logit.
         z = tl.where(col_mask[None, :], acc * inv_tau, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -90,14 +98,11 @@ def _linear_stats_fwd_kernel(
 CUDA_CONFIG = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3)
 CUDA_CANDIDATES = [
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=4, num_stages=4),
-    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),
     dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=4),
-    dict(BLOCK_N=256, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=32, GROUP_N=8, num_warps=8, num_stages=5),
-    dict(BLOCK_N=64, BLOCK_V=256, BLOCK_H=64, GROUP_N=8, num_warps=4, num_stages=4),
+    dict(BLOCK_N=256, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, num_warps=8, num_stages=4),
     dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=128, GROUP_N=8, num_warps=8, num_stages=3),
-    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, GROUP_N=16, num_warps=8, num_stages=3),
+    dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, GROUP_N=32, num_warps=8, num_stages=3),
+    dict(BLOCK_N=256, BLOCK_V=256, BLOCK_H=64, GROUP_N=8, num_warps=16, num_stages=3),
 ]
 
 
@@ -129,6 +134,9 @@ def linear_stats_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     """
     n, h = hidden.shape
     v = weight.shape[0]
+    if n == 0:
+        empty = hidden.new_empty(0, dtype=torch.float32)
+        return empty, empty.clone(), empty.clone()
     cfg = {**_default_config(hidden), **config}
     block_n, block_v = cfg["BLOCK_N"], cfg["BLOCK_V"]
     num_row_blocks = triton.cdiv(n, block_n)
@@ -154,6 +162,6 @@ def linear_stats_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
         float(inv_tau),
         num_row_blocks, num_splits, v_per_split,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=cfg["BLOCK_H"], GROUP_N=cfg["GROUP_N"],
-        INPUT_PRECISION=precision, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        INPUT_PRECISION=precision, EVEN_H=h % cfg["BLOCK_H"] == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return merge_split_stats(partial[0], partial[1], partial[2], partial[3])

@@ -54,15 +54,16 @@ def _softmax_row_stats_kernel(
     tl.store(ZY + row, tl.sum(zy, axis=0))
 
 
-def softmax_row_stats(logits: torch.Tensor, targets: torch.Tensor, inv_tau: float):
+def softmax_row_stats(logits: torch.Tensor, targets: torch.Tensor, inv_tau: float,
+                      block_v: int | None = None, num_warps: int | None = None):
     """lse, entropy, z_target (fp32 [n]) of z = logits * inv_tau; logits [n, V] row-major."""
     n, v = logits.shape
     assert logits.stride(1) == 1
     out = torch.empty((3, n), device=logits.device, dtype=torch.float32)
-    block_v = 1024 if logits.is_cuda else 256
+    block_v = block_v or (1024 if logits.is_cuda else 256)
     _softmax_row_stats_kernel[(n,)](
         logits, targets, out[0], out[1], out[2],
         v, logits.stride(0), float(inv_tau),
-        BLOCK_V=block_v, num_warps=4 if logits.is_cuda else 1,
+        BLOCK_V=block_v, num_warps=num_warps or (4 if logits.is_cuda else 1),
     )
     return out[0], out[1], out[2]

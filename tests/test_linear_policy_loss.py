@@ -212,3 +212,30 @@ def test_bad_inputs_name_the_problem(gen):
         linear_policy_loss(x, w, y, **{**base, "advantages": b["adv"][:5]})
     with pytest.raises(ValueError, match="num_tokens"):
         linear_policy_loss(x, w, y, **base, num_tokens=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_weight_grad_in_its_own_dtype_when_fp32_copy_exceeds_workspace(backend, gen):
+    """A bf16 head whose fp32 dW copy would not fit half the workspace accumulates dW in bf16
+    (fp32 inside each chunk's product): still within bf16 rounding of the float64 gradient."""
+    from fastrl.ops.linear_token_stats import weight_grad_buffer
+
+    b = make_batch(gen, n=96, h=32, v=1531)
+    small = 1531 * 6 * 10                        # ~10 rows per chunk, far below the fp32 copy (196 kB)
+    wb = b["w"].to(torch.bfloat16)
+    assert weight_grad_buffer(wb, small).dtype == torch.bfloat16
+    assert weight_grad_buffer(wb, 1 << 30).dtype == torch.float32
+    assert weight_grad_buffer(b["w"], small).dtype == torch.float32   # an fp32 head is its own buffer
+
+    cfg = PolicyLossConfig(control_metrics=False, workspace_bytes=small)
+    xx = b["x"].to(torch.bfloat16).requires_grad_()
+    ww = wb.clone().requires_grad_()
+    out = linear_policy_loss(xx, ww, b["y"], kinds=b["kinds"], advantages=b["adv"], old_logprobs=b["old"],
+                             config=cfg, backend=backend)
+    out.loss.backward()
+    xr, wr = xx.detach().double().requires_grad_(), wb.double().requires_grad_()
+    ref = reference_policy_loss(xr, wr, b["y"], b["kinds"], b["adv"], b["old"])
+    ref.backward()
+    assert ww.grad.dtype == torch.bfloat16
+    err = float((ww.grad.double() - wr.grad).abs().max() / wr.grad.abs().max())
+    assert err < 2e-2, err

@@ -1,4 +1,5 @@
 """linear_token_stats against the float64 materialising reference, both backends."""
+import importlib
 import os
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 
 from fastrl.ops import linear_token_stats
 from fastrl.ops.reference import reference_token_stats
+
+lts = importlib.import_module("fastrl.ops.linear_token_stats")   # the module (fastrl.ops.linear_token_stats is the function)
 
 BACKENDS = ["torch", "triton"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: Triton runs in the interpreter
@@ -38,10 +41,14 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,forward_path", [("torch", None), ("triton", "gemm_chunks"),
+                                                  ("triton", "fused")])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_forward_and_gradients_match_float64_reference(backend, shape, temperature, gen):
+def test_forward_and_gradients_match_float64_reference(backend, shape, temperature, forward_path, gen,
+                                                       monkeypatch):
+    if forward_path:
+        monkeypatch.setattr(lts, "TRITON_FORWARD", forward_path)
     n, h, v = shape
     x, w, y = make_inputs(n, h, v, gen)
     control = [v - 1, v - 2, 3, int(torch.randint(0, v, (1,), generator=gen))]

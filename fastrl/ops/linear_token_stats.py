@@ -131,10 +131,11 @@ def weight_grad_buffer(weight: torch.Tensor, workspace_bytes: int) -> torch.Tens
 
 
 def chunk_workspace(weight: torch.Tensor, dw_buffer: torch.Tensor | None, workspace_bytes: int) -> int:
-    """What is left of the workspace for logits chunks once an extra fp32 dW buffer is taken."""
-    if dw_buffer is None or dw_buffer.dtype == weight.dtype:
-        return workspace_bytes
-    return workspace_bytes - dw_buffer.numel() * dw_buffer.element_size()
+    """What is left of the workspace for logits chunks once an extra fp32 dW buffer is taken, less
+    1/16 for the per-row vectors and the GEMM library's own workspace."""
+    if dw_buffer is not None and dw_buffer.dtype != weight.dtype:
+        workspace_bytes -= dw_buffer.numel() * dw_buffer.element_size()
+    return workspace_bytes - workspace_bytes // 16
 
 
 def accumulate_weight_grad(dw: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
@@ -206,15 +207,19 @@ def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, en
     if n == 0:
         return dx, (dw_acc.to(weight.dtype) if need_dw else None)
     extra = 0 if hidden.dtype == torch.float32 else hidden.element_size()
-    # One more fp32 chunk buffer: logits * inv_tau for the chunk's logsumexp.
-    rows = rows_per_chunk(vocab, 8 + extra, chunk_workspace(weight, dw_acc, workspace_bytes))
+    # torch: one more fp32 chunk buffer (logits * inv_tau for the logsumexp); Triton reads in place.
+    per_logit = (4 if backend == "triton" else 8) + extra
+    rows = rows_per_chunk(vocab, per_logit, chunk_workspace(weight, dw_acc, workspace_bytes))
     a_all = -g_h * entropy - g_y - (g_c.sum(dim=1) if g_c.numel() else 0.0)
     b_all = -g_h
     for start in range(0, n, rows):
         end = min(start + rows, n)
         x = hidden[start:end]
         logits = logits_fp32(x, weight)
-        lse = torch.logsumexp(logits * inv_tau, dim=1)
+        if backend == "triton":
+            lse = softmax_row_stats(logits, targets[start:end], inv_tau, backend)[0]
+        else:
+            lse = torch.logsumexp(logits * inv_tau, dim=1)
         dz = logits_grad(logits, lse, a_all[start:end], b_all[start:end],
                          targets[start:end], g_y[start:end], inv_tau, hidden.dtype, backend)
         if control_ids.numel():
@@ -227,20 +232,28 @@ def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, en
     return dx, (dw_acc.to(weight.dtype) if need_dw else None)
 
 
+# How the triton backend forms the forward statistics. "fused": the one Triton kernel of
+# kernels/linear_token_stats.py, which never writes a logit. "gemm_chunks": the GEMM library
+# (cuBLAS) writes fp32 logits of one token chunk at a time (bounded by the workspace) and the
+# Triton row-stats kernel reads each chunk once. bench/kernels.py times both side by side and its
+# JSON records which one was the default; the tests run both.
+TRITON_FORWARD = "gemm_chunks"
+
+
 def _forward_stats(hidden, weight, targets, inv_tau, backend, workspace_bytes):
     """lse, entropy, z_target for every row (all targets valid)."""
-    if backend == "triton":
+    if backend == "triton" and TRITON_FORWARD == "fused":
         from fastrl.kernels.linear_token_stats import linear_stats_fwd
 
         return linear_stats_fwd(hidden, weight, targets, inv_tau)
     n = hidden.shape[0]
     out = torch.empty((3, n), dtype=torch.float32, device=hidden.device)
-    rows = rows_per_chunk(weight.shape[0], 4, workspace_bytes)
-    w = weight if weight.dtype == torch.float32 else weight.float()
+    rows = rows_per_chunk(weight.shape[0], 4, chunk_workspace(weight, None, workspace_bytes))
+    w = weight if (weight.dtype == torch.float32 or weight.is_cuda) else weight.float()
     for start in range(0, n, rows):
         end = min(start + rows, n)
         stats = softmax_row_stats(logits_fp32(hidden[start:end].to(w.dtype), w), targets[start:end],
-                                  inv_tau, "torch")
+                                  inv_tau, backend)
         for k in range(3):
             out[k, start:end] = stats[k]
     return out[0], out[1], out[2]
