@@ -8,6 +8,7 @@ Modes, each timed on its own with triton.testing.do_bench (median ms after warm-
 rotated so they exceed L2):
   fwd        forward-only statistics (old / reference log-probs)          FLOPs counted: 2NHV
   fwd_bwd    statistics forward + backward (recomputes logits)             FLOPs counted: 8NHV
+             (fastrl; the materialising baselines and the floor do 6NHV and are counted so)
   policy     full fused policy-loss step: loss, dX, dW                     FLOPs counted: 6NHV
 Baselines in the same run: eager PyTorch on materialised fp32 logits, torch.compile of it,
 Liger-Kernel's fused linear cross entropy (when installed), and the floor: the bare cuBLAS GEMMs
@@ -227,7 +228,10 @@ def run_shape(n, h, v, modes, backend, dtype, reps, impls=None):
         for name, fn in make_candidates(mode, inputs, backend).items():
             if impls and name not in impls:
                 continue
-            row = dict(N=n, H=h, V=v, mode=mode, impl=name, flops_counted=f"{FLOPS_PER_NHV[mode]}NHV")
+            # FLOPs each candidate does: in fwd_bwd only fastrl recomputes the logits (8NHV); the
+            # materialising baselines and the floor do three GEMMs (6NHV).
+            per_nhv = 6 if (mode == "fwd_bwd" and not name.startswith("fastrl")) else FLOPS_PER_NHV[mode]
+            row = dict(N=n, H=h, V=v, mode=mode, impl=name, flops_counted=f"{per_nhv}NHV")
             try:
                 fn()
                 clear_grads(inputs)
@@ -236,7 +240,7 @@ def run_shape(n, h, v, modes, backend, dtype, reps, impls=None):
                 ms = triton.testing.do_bench(lambda: (fn(), clear_grads(inputs)), warmup=25, rep=reps,
                                              return_mode="median")
                 row["median_ms"] = ms
-                row["tflops"] = FLOPS_PER_NHV[mode] * n * h * v / (ms * 1e-3) / 1e12
+                row["tflops"] = per_nhv * n * h * v / (ms * 1e-3) / 1e12
             except torch.OutOfMemoryError:
                 row["error"] = "OOM"
             except Exception as e:  # a baseline that cannot run here is reported, not fatal

@@ -1,6 +1,7 @@
 """The GRPO recipe end to end on the tiny model: metrics, supervision in the one forward,
 interleaved SFT, monitor actions, exact resume after a SIGKILL."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from fastrl.config import load_config
@@ -71,6 +73,27 @@ def test_recipe_runs_with_supervision_in_the_single_forward(tmp_path):
     assert set(results[0]) == {"test", "content_shift", "format_shift"}
     assert results[0] == results[1]
     assert all(r["n"] == 4 for r in results[0].values())
+
+
+def test_recipe_runs_in_mixed_precision(tmp_path):
+    """model.autocast=bfloat16: fp32 master weights stay fp32, the engine samples in bf16, the step
+    trains (finite loss and gradient) and the rollout/trainer log-prob gap stays at bf16 scale."""
+    cfg = load_config(TrainConfig, tiny_config(tmp_path / "run", steps=1, **{"model.autocast": "bfloat16"}))
+    trainer = Trainer(cfg)
+    try:
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        summary = trainer.run()
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+        assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    finally:
+        trainer.close()
+    assert summary["steps"] == 1 and summary["skipped_steps"] == 0
+    row = read_metrics(tmp_path / "run")[0]
+    assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0
+    assert 0 < row["logprob_gap_mean"] < 0.2
+    with pytest.raises(ValueError, match="model.autocast = bfloat16 needs model.dtype = float32"):
+        load_config(TrainConfig, tiny_config(tmp_path / "x", **{"model.autocast": "bfloat16",
+                                                                "model.dtype": "bfloat16"}))
 
 
 def test_recipe_on_the_vllm_engine_keeps_rollout_and_trainer_logprobs_together(tmp_path):

@@ -237,7 +237,7 @@ def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, en
 # (cuBLAS) writes fp32 logits of one token chunk at a time (bounded by the workspace) and the
 # Triton row-stats kernel reads each chunk once. bench/kernels.py times both side by side and its
 # JSON records which one was the default; the tests run both.
-TRITON_FORWARD = "gemm_chunks"
+TRITON_FORWARD = "fused"
 
 
 def _forward_stats(hidden, weight, targets, inv_tau, backend, workspace_bytes):

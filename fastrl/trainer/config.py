@@ -15,7 +15,9 @@ class ModelConfig:
     tiny_layers: int = 2
     tiny_heads: int = 4                # head_dim = tiny_hidden_size / tiny_heads (vLLM on CPU: 32, 64, ...)
     tiny_seed: int = 0
-    dtype: str = "float32"             # float32 | bfloat16 (GPU)
+    dtype: str = "float32"             # float32 | bfloat16 (GPU): the weights' own dtype
+    autocast: str | None = None        # bfloat16 | float16: mixed precision (fp32 weights, matmuls in
+                                       # this dtype; the rollout engine samples in it); needs dtype float32
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     gradient_checkpointing: bool = False
     liger_kernels: bool = False        # Liger RMSNorm/RoPE/SwiGLU on GPU when installed
@@ -23,6 +25,11 @@ class ModelConfig:
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(f"model.autocast must be null, bfloat16 or float16, got {self.autocast!r}")
+        if self.autocast is not None and self.dtype != "float32":
+            raise ValueError(f"model.autocast = {self.autocast} needs model.dtype = float32 (the master "
+                             f"weights), got model.dtype = {self.dtype}")
         if self.tiny_heads < 1 or self.tiny_hidden_size % self.tiny_heads or self.tiny_heads % 2:
             # build_tiny_model uses 2 key-value heads (grouped-query attention).
             raise ValueError(f"model.tiny_heads = {self.tiny_heads} must be even and divide "

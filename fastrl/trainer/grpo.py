@@ -131,7 +131,7 @@ def make_rollout_engine(cfg: TrainConfig, model_path: str):
     kind = cfg.rollout.engine
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
-    opts = {"dtype": cfg.model.dtype}
+    opts = {"dtype": cfg.model.autocast or cfg.model.dtype}
     if kind == "vllm":
         opts["max_model_len"] = cfg.rollout.max_total_tokens
         if torch.cuda.is_available():
@@ -273,6 +273,7 @@ class Trainer:
         self.model, self.tokenizer = load_policy(self.model_path, cfg, device=self.dist.device)
         self.model = wrap_model(self.model, self.dist)     # before the optimizer (FSDP2 on CUDA)
         self.control_ids = control_ids_of(self.tokenizer)
+        self.autocast = getattr(torch, cfg.model.autocast) if cfg.model.autocast else None
         self.env, self.make_tasks = make_env(cfg)
         self.train_tasks = self.make_tasks("train", cfg.env.train_tasks, cfg.seed)
         self.by_id = {str(t.id): t for t in self.train_tasks}
@@ -341,7 +342,7 @@ class Trainer:
             flags = [flags[i] for i in idx]
         return policy_update(self.model, trajectories, optimizer=self.optimizer, control_ids=self.control_ids,
                              micro_batch_tokens=self.cfg.optim.micro_batch_tokens, grad_clip=self.cfg.optim.grad_clip,
-                             on_policy=flags, **kw)
+                             on_policy=flags, autocast=self.autocast, **kw)
 
     def _tasks_for_step(self, step: int, per: int | None = None) -> list:
         """A seeded permutation per epoch, so the task stream is a function of the step (resumable).

@@ -80,7 +80,7 @@ def _combine(metrics_list: list[dict], weights: list[float]) -> dict:
 def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConfig, control_ids,
                   micro_batch_tokens: int, grad_clip: float | None = 1.0, old_logprobs: str = "rollout",
                   ref_model=None, lr: float | None = None, on_policy: list[bool] | None = None,
-                  backend: str = "auto") -> UpdateResult:
+                  backend: str = "auto", autocast: torch.dtype | None = None) -> UpdateResult:
     """Forward/backward over all micro-batches of `trajectories`, then one optimizer step.
 
     old_logprobs: "rollout" (the engine's sampling log-probs are the behaviour policy) or
@@ -89,6 +89,11 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
     ratio 1 (an expert that replaced a rollout, or a hinted sample without importance
     correction). With torch.distributed initialised, each rank passes
     its own trajectories; counts and gradients are summed over ranks.
+
+    autocast (torch.bfloat16 / torch.float16): mixed precision. The model keeps its own (fp32)
+    weights and the optimizer updates them; the forward runs under torch.autocast, and the fused
+    loss gets the final hidden states and the LM-head weight cast to this dtype (what autocast does
+    to a linear layer), its gradient flowing back to the fp32 weight through the cast.
     """
     if old_logprobs not in ("rollout", "on_policy"):
         raise ValueError(f"old_logprobs must be 'rollout' or 'on_policy', got {old_logprobs!r}")
@@ -122,14 +127,20 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
             if _world()[1]:
                 idle_forward_backward(model)
             continue
-        hidden, head = forward_with_head(model, t["input_ids"], t["position_ids"], t["cu_seqlens"])
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            hidden, head = forward_with_head(model, t["input_ids"], t["position_ids"], t["cu_seqlens"])
+        if autocast is not None:
+            hidden, head = hidden.to(autocast), head.to(autocast)
         forwards += 1
         ref_lp = None
         if loss_config.kl_coef:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 ref_hidden = packed_forward(ref_model, t["input_ids"], t["position_ids"],
                                             t["cu_seqlens"]).hidden_states
-                ref_lp = linear_token_stats(ref_hidden[rows], ref_model.get_output_embeddings().weight,
+                ref_head = ref_model.get_output_embeddings().weight
+                if autocast is not None:
+                    ref_hidden, ref_head = ref_hidden.to(autocast), ref_head.to(autocast)
+                ref_lp = linear_token_stats(ref_hidden[rows], ref_head,
                                             t["target_ids"][rows], temperature=loss_config.temperature,
                                             backend=backend).logprobs
             ref_forwards += 1
