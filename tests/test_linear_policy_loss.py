@@ -239,3 +239,20 @@ def test_bf16_weight_grad_in_its_own_dtype_when_fp32_copy_exceeds_workspace(back
     assert ww.grad.dtype == torch.bfloat16
     err = float((ww.grad.double() - wr.grad).abs().max() / wr.grad.abs().max())
     assert err < 2e-2, err
+
+
+def test_second_backward_through_the_same_loss_is_an_error(gen):
+    b = make_batch(gen)
+    x = b["x"].clone().requires_grad_()
+    out = linear_policy_loss(x, b["w"], b["y"], kinds=b["kinds"], advantages=b["adv"],
+                             config=PolicyLossConfig(control_metrics=False), backend="torch")
+    (2 * out.loss).backward(retain_graph=True)
+    first = x.grad.clone()
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.loss.backward()
+    torch.testing.assert_close(x.grad, first)
+    # The upstream gradient (2) scales the gradient formed in the forward.
+    x1 = b["x"].clone().requires_grad_()
+    linear_policy_loss(x1, b["w"], b["y"], kinds=b["kinds"], advantages=b["adv"],
+                       config=PolicyLossConfig(control_metrics=False), backend="torch").loss.backward()
+    torch.testing.assert_close(first, 2 * x1.grad)

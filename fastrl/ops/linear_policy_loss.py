@@ -178,10 +178,13 @@ class _PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # In place: dx and dw are this call's own buffers, so scaling by the upstream gradient
+        # costs no second [V, H] copy. A second backward through the same graph would scale twice.
+        if getattr(ctx, "done", False):
+            raise RuntimeError("linear_policy_loss: backward ran twice through the same loss "
+                               "(retain_graph is not supported); call the op again instead")
+        ctx.done = True
         dx, dw = ctx.saved_tensors
-        # In place: dx and dw are this call's own buffers and the graph is freed after backward
-        # (a second backward would need retain_graph, which the op does not support), so scaling
-        # by the upstream gradient costs no second [V, H] copy.
         gx = dx.mul_(grad_out.to(dx.dtype)) if ctx.has_dx else None
         gw = dw.mul_(grad_out.to(dw.dtype)) if ctx.has_dw else None
         return gx, gw, None, None, None
