@@ -151,6 +151,26 @@ def make_candidates(mode, inputs, backend):
             cands["liger_fused_linear_ce"] = liger
         except Exception:  # not installed: the row is simply absent
             pass
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+            # Liger's chunked GRPO loss wants [B, T] batches and a per-sequence advantage: the N
+            # tokens as sequences of 1024 (its chunks), on-policy ratio from old log-probs, no KL.
+            grpo = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="grpo",
+                                            compiled=torch.cuda.is_available())
+
+            def liger_grpo():
+                b = pick()
+                n, h = b["x"].shape
+                t = 1024 if n % 1024 == 0 else n
+                out = grpo(b["x"].view(n // t, t, h), b["w"], b["y"].view(n // t, t),
+                           torch.ones(n // t, t, device=b["x"].device), b["adv"][:: t].contiguous(),
+                           old_per_token_logps=b["old"].view(n // t, t))
+                (out[0] if isinstance(out, tuple) else out).backward()
+
+            cands["liger_fused_linear_grpo"] = liger_grpo
+        except Exception:  # not installed, or an older Liger without the chunked losses
+            pass
     if mode != "fwd":
         def floor():
             b = pick()
