@@ -48,7 +48,9 @@ DEMO_CONFIG = {
                     "ets_max_tasks": 8, "hbg_hinted": 1},
     # Halve the LR on every collapse warning (a rollback halves it through rollback_lr_factor):
     # the LR that produced the warning would drive a rolled-back run into the same collapse (drill).
-    "monitor": {"policy": "stabilize", "warning_lr_factor": 0.5},
+    # The post-update probe (one forward-only pass per micro-batch) sees an update that broke the
+    # control tokens before the next rollouts do; see fastrl.trainer.monitor.
+    "monitor": {"policy": "stabilize", "warning_lr_factor": 0.5, "post_update_probe": True},
 }
 
 # CI's short version: one-call tasks (a lookup or one operation, then the answer), fewer and

@@ -164,6 +164,34 @@ def test_severe_warning_rolls_back_to_the_healthy_checkpoint_with_lower_lr(tmp_p
     assert any(m.startswith("rolled back to step_00000001") for m in messages)
 
 
+def test_post_update_probe_rejects_each_update_that_moves_too_far(tmp_path):
+    """Only the post-update probe can fire here (rollout signals disabled) and every update moves
+    the log-probs by more than the threshold: each step's rollouts confirm the checkpoint they came
+    from, the probe condemns the new weights, and stabilize rolls back to that checkpoint. Every
+    update is rejected, so the run ends on its starting weights."""
+    cfg = load_config(TrainConfig, tiny_config(tmp_path / "run", steps=2, **{
+        "monitor.policy": "stabilize", "monitor.post_update_probe": True, "monitor.max_update_shift": 1e-9,
+        "monitor.max_format_error_rate": 1.0, "monitor.max_spike_rate": 1.0,
+        "monitor.min_control_confidence": -1e9, "monitor.warmup_steps": 100}))
+    trainer = Trainer(cfg)
+    try:
+        start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.run()
+        for k, v in trainer.model.state_dict().items():
+            assert torch.equal(v, start[k]), k
+    finally:
+        trainer.close()
+    rows = read_metrics(tmp_path / "run")
+    assert [r["collapse_warning"] for r in rows] == [1.0, 1.0]
+    for r in rows:
+        assert r["probe_forward_passes"] == r["micro_batches"] and r["post_logprob_gap_mean"] > 0
+    messages = [e["message"] for e in read_events(tmp_path / "run")]
+    assert any(m.startswith("rolled back to step_00000000") for m in messages)
+    assert any(m.startswith("rolled back to step_00000001") for m in messages)
+    assert all("post-update log-prob shift" in e["message"] for e in read_events(tmp_path / "run")
+               if e["kind"] == "warning")
+
+
 def test_each_warning_cuts_the_lr_down_to_the_floor(tmp_path):
     from fastrl.trainer.monitor import Verdict
 

@@ -94,3 +94,24 @@ def test_reward_drop_against_the_running_baseline():
     assert not on.update(healthy(rng) | {"reward_mean": 0.51 * expect}).warning
     with pytest.raises(ValueError, match="monitor.reward_drop_ratio"):
         MonitorConfig(reward_drop_ratio=1.5).validate()
+
+
+def test_post_update_signals_are_severe_and_do_not_flag_the_rollouts():
+    rng = np.random.default_rng()
+    mon = CollapseMonitor(MonitorConfig(max_update_shift=0.2))
+    for _ in range(3):
+        v = mon.update(healthy(rng) | {"post_logprob_gap_mean": 0.001 * rng.random(), "post_spike_count": 1,
+                                       "post_tokens_rl": 500})
+        assert not v.warning
+    shift = 0.2 + 0.5 * rng.random()
+    v = mon.update(healthy(rng) | {"post_logprob_gap_mean": shift, "post_spike_count": 0, "post_tokens_rl": 500})
+    assert v.warning and v.severe and not v.rollouts_flagged
+    assert v.reasons == [f"post-update log-prob shift {shift:.3f} > 0.2"]
+    v = mon.update(healthy(rng) | {"post_logprob_gap_mean": 0.0, "post_spike_count": 30, "post_tokens_rl": 500})
+    assert v.warning and v.severe and "post-update spike rate 0.0600 > 0.02" in v.reasons
+    # A rollout signal flags the rollouts (the weights of the step before); it is severe only
+    # above the rollback format-error rate.
+    v = mon.update(healthy(rng) | {"format_error_rate": 0.3})
+    assert v.warning and v.rollouts_flagged and not v.severe
+    with pytest.raises(ValueError, match="max_update_shift"):
+        MonitorConfig(max_update_shift=0.0).validate()

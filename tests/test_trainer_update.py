@@ -157,9 +157,40 @@ def test_bf16_autocast_keeps_fp32_weights_and_matches_reference(rng):
     assert not result.skipped
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert result.loss == pytest.approx(ref_loss, rel=3e-2)
-    assert result.loss != pytest.approx(ref_loss, rel=1e-6)   # bf16 really ran
+    bf16_grads = dict(opt.grads)
     for n, _ in model.named_parameters():
-        assert opt.grads[n].dtype == torch.float32
-        g, r = opt.grads[n].double().flatten(), ref_grads[n].double().flatten()
+        assert bf16_grads[n].dtype == torch.float32
+        g, r = bf16_grads[n].double().flatten(), ref_grads[n].double().flatten()
         cos = float(g @ r / (g.norm() * r.norm() + 1e-30))
         assert cos > 0.98, (n, cos)
+    # bf16 really ran: the same update in fp32 gives gradients that differ at bf16 scale.
+    policy_update(model, trajs, optimizer=opt, loss_config=cfg, control_ids=CONTROL,
+                  micro_batch_tokens=40, grad_clip=None)
+    diff = max(float((bf16_grads[n] - opt.grads[n]).abs().max() / (opt.grads[n].abs().max() + 1e-30))
+               for n, _ in model.named_parameters())
+    assert diff > 1e-4, diff
+
+
+def test_post_update_probe_measures_the_new_weights(rng):
+    """probe=True: post_logprob_gap_mean is the mean |log p_new - log p_rollout| over RL tokens,
+    with log p_new from an independent unpacked forward of the updated model."""
+    trajs = random_trajectories(rng)
+    model = tiny_model(int(rng.integers(1 << 30)))
+    opt = torch.optim.SGD(model.parameters(), lr=float(rng.uniform(0.5, 2.0)))
+    result = policy_update(model, trajs, optimizer=opt, loss_config=PolicyLossConfig(), control_ids=CONTROL,
+                           micro_batch_tokens=40, grad_clip=None, probe=True)
+    assert result.probe_forward_passes == result.forward_passes == result.metrics["micro_batches"]
+    gaps, n_rl = [], 0
+    with torch.no_grad():
+        for t in trajs:
+            ids = torch.as_tensor(t.token_ids)
+            logits = model(input_ids=ids[None]).logits[0, :-1].double()
+            logp = torch.log_softmax(logits, -1).gather(1, ids[1:, None])[:, 0]
+            rl = torch.as_tensor(t.kinds[1:] == TokenKind.RL)
+            gaps.append((logp - torch.as_tensor(t.logprobs[1:]).double()).abs()[rl])
+            n_rl += int(rl.sum())
+    want = float(torch.cat(gaps).mean())
+    assert result.metrics["post_tokens_rl"] == n_rl
+    assert result.metrics["post_logprob_gap_mean"] == pytest.approx(want, rel=1e-4)
+    # The pre-update gap is the same statistic of the old weights: the update moved it.
+    assert result.metrics["post_logprob_gap_mean"] != pytest.approx(result.metrics["logprob_gap_mean"], rel=1e-3)

@@ -437,9 +437,12 @@ class Trainer:
         loss_cfg = dataclasses.replace(cfg.loss, sft_weight=self.supervision.sft_weight or cfg.loss.sft_weight,
                                        unlikelihood_weight=sup.unlikelihood_weight or cfg.loss.unlikelihood_weight)
         result = self._update(trajs + supervised, on_policy + [False] * len(supervised), loss_config=loss_cfg,
-                              old_logprobs=cfg.optim.old_logprobs, ref_model=self.ref_model)
+                              old_logprobs=cfg.optim.old_logprobs, ref_model=self.ref_model,
+                              probe=cfg.monitor.post_update_probe and cfg.monitor.policy != "off")
         timings["time_forward_backward"] = result.seconds_forward_backward
         timings["time_optimizer"] = result.seconds_optimizer
+        if result.probe_forward_passes:
+            timings["time_post_update_probe"] = result.seconds_probe
         if result.skipped:
             self.skipped_steps += 1
         else:
@@ -463,6 +466,7 @@ class Trainer:
         metrics = {**rollout_stats, **result.metrics, **timings, "loss": result.loss, "grad_norm": result.grad_norm,
                    "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": self.skipped_steps,
                    "forward_passes": result.forward_passes, "ref_forward_passes": result.ref_forward_passes,
+                   "probe_forward_passes": result.probe_forward_passes,
                    "supervised_trajectories": len(supervised), "unlikelihood_tokens": marked,
                    "sft_phase_steps": sft_phase, "sft_weight": self.supervision.sft_weight,
                    "weight_version": self.version}
@@ -476,6 +480,12 @@ class Trainer:
         metrics.update(broadcast_object(metrics if self.main else None))
         verdict = self.monitor.update(metrics)
         metrics["collapse_warning"] = float(verdict.warning)
+        # This step's rollouts judged the candidate checkpoint (the weights after the last step);
+        # a post-update signal judges this step's new weights, not the candidate.
+        if self.candidate_checkpoint is not None:
+            if not (verdict.warning and verdict.rollouts_flagged):
+                self.healthy_checkpoint = self.candidate_checkpoint
+            self.candidate_checkpoint = None
         if not verdict.warning:
             return
         self.log.event(step, "warning", "collapse_warning: " + "; ".join(verdict.reasons), reasons=verdict.reasons)
@@ -542,13 +552,8 @@ class Trainer:
         while self.step < cfg.steps:
             step = self.step + 1                      # 1-based in logs
             metrics = self.rl_step()
-            self.act_on(step, metrics)      # a rollback goes to the last confirmed checkpoint
+            self.act_on(step, metrics)      # confirms the candidate checkpoint; may roll back to it
             self.log.log(step, metrics)
-            # This step's rollouts judged the weights of the candidate (written after the last step).
-            if self.candidate_checkpoint is not None:
-                if not metrics["collapse_warning"]:
-                    self.healthy_checkpoint = self.candidate_checkpoint
-                self.candidate_checkpoint = None
             if cfg.checkpoint_every and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.checkpoint()
         final = self.export()

@@ -12,6 +12,7 @@ loss tokens (and sequences), so micro-batches and ranks add up to the whole-batc
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ class UpdateResult:
     ref_forward_passes: int  # forwards of the reference model (only when kl_coef != 0)
     seconds_forward_backward: float
     seconds_optimizer: float
+    probe_forward_passes: int = 0   # forward-only passes of the post-update probe (probe=True)
+    seconds_probe: float = 0.0
 
 
 def _world() -> tuple[int, bool]:
@@ -59,12 +62,24 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+# Means over a subset of the loss rows are weighted by that subset's count in each micro-batch,
+# so the combination equals the mean over the whole step; other means by the loss rows.
+MEAN_WEIGHTS = {
+    "clip_fraction": lambda m: m["tokens_rl"], "kl_mean": lambda m: m["tokens_rl"],
+    "logprob_gap_mean": lambda m: m["tokens_rl"], "entropy_rl_mean": lambda m: m["tokens_rl"],
+    "intrusion_mean": lambda m: m["tokens_rl"] - m.get("tokens_rl_control_target", 0),
+    "control_confidence_mean": lambda m: m.get("tokens_rl_control_target", 0),
+    "entropy_control_mean": lambda m: m.get("tokens_rl_control_target", 0),
+}
+
+
 def _combine(metrics_list: list[dict], weights: list[float]) -> dict:
     """Token-weighted combination of per-micro-batch metrics."""
     out = {}
     keys = set().union(*[m.keys() for m in metrics_list]) if metrics_list else set()
     for k in keys:
-        vals = [(float(m[k]), w) for m, w in zip(metrics_list, weights) if k in m]
+        vals = [(float(m[k]), float(MEAN_WEIGHTS[k](m)) if k in MEAN_WEIGHTS and "tokens_rl" in m else w)
+                for m, w in zip(metrics_list, weights) if k in m]
         if k in COUNT_METRICS:
             out[k] = sum(v for v, _ in vals)
         elif k in MAX_METRICS:
@@ -80,7 +95,8 @@ def _combine(metrics_list: list[dict], weights: list[float]) -> dict:
 def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConfig, control_ids,
                   micro_batch_tokens: int, grad_clip: float | None = 1.0, old_logprobs: str = "rollout",
                   ref_model=None, lr: float | None = None, on_policy: list[bool] | None = None,
-                  backend: str = "auto", autocast: torch.dtype | None = None) -> UpdateResult:
+                  backend: str = "auto", autocast: torch.dtype | None = None,
+                  probe: bool = False) -> UpdateResult:
     """Forward/backward over all micro-batches of `trajectories`, then one optimizer step.
 
     old_logprobs: "rollout" (the engine's sampling log-probs are the behaviour policy) or
@@ -185,6 +201,51 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
     t2 = time.perf_counter()
     metrics = _combine(metrics_list, weights)
     metrics.update(loss_tokens=global_tokens, micro_batches=len(batches))
+    probe_forwards = 0
+    if probe and finite:
+        post, probe_forwards = _probe(model, batches, device, loss_config, control_ids, global_tokens,
+                                      global_seqs, flags, backend, autocast)
+        metrics.update({f"post_{k}": v for k, v in post.items() if k in PROBE_METRICS})
     return UpdateResult(loss=loss_total, grad_norm=grad_norm, skipped=not finite, metrics=metrics,
                         forward_passes=forwards, ref_forward_passes=ref_forwards,
-                        seconds_forward_backward=t1 - t0, seconds_optimizer=t2 - t1)
+                        seconds_forward_backward=t1 - t0, seconds_optimizer=t2 - t1,
+                        probe_forward_passes=probe_forwards, seconds_probe=time.perf_counter() - t2)
+
+
+# What the post-update probe reports (prefixed post_): the monitor's view of the new weights.
+PROBE_METRICS = ("logprob_gap_mean", "clip_fraction", "intrusion_mean", "spike_count", "tokens_rl",
+                 "control_confidence_mean", "tokens_rl_control_target")
+
+
+@torch.no_grad()
+def _probe(model, batches, device, loss_config, control_ids, global_tokens, global_seqs, flags, backend,
+           autocast):
+    """The fused op's metrics of the updated weights on this step's micro-batches, forward only,
+    against the rollout log-probs (rows without them, like an expert's, count as on-policy)."""
+    metrics_list, weights, forwards = [], [], 0
+    for i in range(global_micro_batches(len(batches), device)):
+        t = batches[i].to_torch(device) if i < len(batches) else None
+        rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0] if t is not None else None
+        if t is None or rows.numel() == 0:
+            if _world()[1]:   # FSDP: every rank takes part in every forward's all-gathers
+                one = torch.zeros(1, dtype=torch.long, device=device)
+                forward_with_head(model, one, one, torch.tensor([0, 1], dtype=torch.int32, device=device))
+            continue
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            hidden, head = forward_with_head(model, t["input_ids"], t["position_ids"], t["cu_seqlens"])
+        if autocast is not None:
+            hidden, head = hidden.to(autocast), head.to(autocast)
+        forwards += 1
+        seq = t["seq_index"][rows]
+        no_rollout = ~torch.isfinite(t["logprobs"][rows])
+        if flags.numel():
+            no_rollout |= flags[t["sequences"].cpu()[seq.cpu().long()]].to(device)
+        out = linear_policy_loss(
+            hidden[rows], head, t["target_ids"][rows], kinds=t["kinds"][rows],
+            advantages=t["advantages"][rows], old_logprobs=torch.nan_to_num(t["logprobs"][rows]),
+            control_ids=control_ids, config=dataclasses.replace(loss_config, kl_coef=0.0),
+            seq_ids=seq, num_tokens=global_tokens, num_sequences=global_seqs,
+            on_policy_rows=no_rollout, backend=backend)
+        metrics_list.append(out.metrics)
+        weights.append(float(rows.numel()))
+    return _combine(metrics_list, weights), forwards
