@@ -143,10 +143,7 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
             if _world()[1]:
                 idle_forward_backward(model)
             continue
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            hidden, head = forward_with_head(model, t["input_ids"], t["position_ids"], t["cu_seqlens"])
-        if autocast is not None:
-            hidden, head = hidden.to(autocast), head.to(autocast)
+        hidden, head = _hidden_and_head(model, t, autocast)
         forwards += 1
         ref_lp = None
         if loss_config.kl_coef:
@@ -212,6 +209,16 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
                         probe_forward_passes=probe_forwards, seconds_probe=time.perf_counter() - t2)
 
 
+def _hidden_and_head(model, t, autocast):
+    """One packed forward (under autocast when set): the final hidden states and the LM-head weight,
+    both in the dtype the fused loss runs in."""
+    with torch.autocast(t["input_ids"].device.type, dtype=autocast, enabled=autocast is not None):
+        hidden, head = forward_with_head(model, t["input_ids"], t["position_ids"], t["cu_seqlens"])
+    if autocast is not None:
+        hidden, head = hidden.to(autocast), head.to(autocast)
+    return hidden, head
+
+
 # What the post-update probe reports (prefixed post_): the monitor's view of the new weights.
 PROBE_METRICS = ("logprob_gap_mean", "clip_fraction", "intrusion_mean", "spike_count", "tokens_rl",
                  "control_confidence_mean", "tokens_rl_control_target")
@@ -231,10 +238,7 @@ def _probe(model, batches, device, loss_config, control_ids, global_tokens, glob
                 one = torch.zeros(1, dtype=torch.long, device=device)
                 forward_with_head(model, one, one, torch.tensor([0, 1], dtype=torch.int32, device=device))
             continue
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            hidden, head = forward_with_head(model, t["input_ids"], t["position_ids"], t["cu_seqlens"])
-        if autocast is not None:
-            hidden, head = hidden.to(autocast), head.to(autocast)
+        hidden, head = _hidden_and_head(model, t, autocast)
         forwards += 1
         seq = t["seq_index"][rows]
         no_rollout = ~torch.isfinite(t["logprobs"][rows])
