@@ -177,13 +177,17 @@ def global_micro_batches(local: int, device=None) -> int:
     return int(t.item())
 
 
-def idle_forward_backward(model) -> None:
-    """A one-token forward and backward that adds nothing to any gradient, for a rank with fewer
-    micro-batches than the others (or one without loss rows): it takes part in FSDP's all-gathers
-    and reduce-scatters so the other ranks do not wait on it forever."""
+def idle_forward(model):
+    """A one-token forward, for a rank with fewer micro-batches than the others (or one without
+    loss rows): it takes part in FSDP's all-gathers so the other ranks do not wait on it forever."""
     device = next(model.parameters()).device
     one = torch.zeros(1, dtype=torch.long, device=device)
-    hidden, head = forward_with_head(model, one, one, torch.tensor([0, 1], dtype=torch.int32, device=device))
+    return forward_with_head(model, one, one, torch.tensor([0, 1], dtype=torch.int32, device=device))
+
+
+def idle_forward_backward(model) -> None:
+    """`idle_forward` and a backward that adds nothing to any gradient (FSDP's reduce-scatters)."""
+    hidden, head = idle_forward(model)
     (hidden.sum() * 0 + head.sum() * 0).backward()
 
 

@@ -24,7 +24,8 @@ from fastrl.data import SequenceStore
 from fastrl.data.packed import pack_micro_batches
 from fastrl.data.packed_forward import packed_forward
 from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss, linear_token_stats
-from fastrl.trainer.distributed import forward_with_head, global_micro_batches, idle_forward_backward, is_sharded
+from fastrl.trainer.distributed import (forward_with_head, global_micro_batches, idle_forward,
+                                        idle_forward_backward, is_sharded)
 
 # Metrics that are sums over micro-batches (counts); the rest are token-weighted means.
 COUNT_METRICS = ("tokens_rl", "tokens_sft", "tokens_unlikelihood", "tokens_rl_control_target", "spike_count")
@@ -163,8 +164,7 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
             old_logprobs=t["logprobs"][rows] if old_logprobs == "rollout" else None,
             ref_logprobs=ref_lp, control_ids=control_ids, config=loss_config,
             seq_ids=t["seq_index"][rows], num_tokens=global_tokens, num_sequences=global_seqs,
-            on_policy_rows=(flags[t["sequences"].cpu()[t["seq_index"][rows].cpu().long()]].to(device)
-                            if on_policy is not None else None),
+            on_policy_rows=_on_policy_rows(flags, t, rows),
             backend=backend)
         out.loss.backward()
         loss_total += float(out.loss.detach())
@@ -209,6 +209,13 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
                         probe_forward_passes=probe_forwards, seconds_probe=time.perf_counter() - t2)
 
 
+def _on_policy_rows(flags, t, rows):
+    """Per loss row of micro-batch t: does its trajectory train with ratio 1 (None: no flags)."""
+    if not flags.numel():
+        return None
+    return flags[t["sequences"].cpu()[t["seq_index"][rows].cpu().long()]].to(rows.device)
+
+
 def _hidden_and_head(model, t, autocast):
     """One packed forward (under autocast when set): the final hidden states and the LM-head weight,
     both in the dtype the fused loss runs in."""
@@ -228,28 +235,23 @@ PROBE_METRICS = ("logprob_gap_mean", "clip_fraction", "intrusion_mean", "spike_c
 def _probe(model, batches, device, loss_config, control_ids, global_tokens, global_seqs, flags, backend,
            autocast):
     """The fused op's metrics of the updated weights on this step's micro-batches, forward only,
-    against the rollout log-probs (rows without them, like an expert's, count as on-policy)."""
+    against the rollout log-probs (rows the update trained on-policy count as on-policy here too)."""
     metrics_list, weights, forwards = [], [], 0
     for i in range(global_micro_batches(len(batches), device)):
         t = batches[i].to_torch(device) if i < len(batches) else None
         rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0] if t is not None else None
         if t is None or rows.numel() == 0:
-            if _world()[1]:   # FSDP: every rank takes part in every forward's all-gathers
-                one = torch.zeros(1, dtype=torch.long, device=device)
-                forward_with_head(model, one, one, torch.tensor([0, 1], dtype=torch.int32, device=device))
+            if _world()[1]:
+                idle_forward(model)
             continue
         hidden, head = _hidden_and_head(model, t, autocast)
         forwards += 1
-        seq = t["seq_index"][rows]
-        no_rollout = ~torch.isfinite(t["logprobs"][rows])
-        if flags.numel():
-            no_rollout |= flags[t["sequences"].cpu()[seq.cpu().long()]].to(device)
         out = linear_policy_loss(
             hidden[rows], head, t["target_ids"][rows], kinds=t["kinds"][rows],
-            advantages=t["advantages"][rows], old_logprobs=torch.nan_to_num(t["logprobs"][rows]),
+            advantages=t["advantages"][rows], old_logprobs=t["logprobs"][rows],
             control_ids=control_ids, config=dataclasses.replace(loss_config, kl_coef=0.0),
-            seq_ids=seq, num_tokens=global_tokens, num_sequences=global_seqs,
-            on_policy_rows=no_rollout, backend=backend)
+            seq_ids=t["seq_index"][rows], num_tokens=global_tokens, num_sequences=global_seqs,
+            on_policy_rows=_on_policy_rows(flags, t, rows), backend=backend)
         metrics_list.append(out.metrics)
         weights.append(float(rows.numel()))
     return _combine(metrics_list, weights), forwards
