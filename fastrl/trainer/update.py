@@ -136,14 +136,7 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
     model.train()
     loss_total, forwards, ref_forwards = 0.0, 0, 0
     metrics_list, weights = [], []
-    # Every rank runs the same number of forward/backward passes (FSDP collectives must pair up).
-    for i in range(global_micro_batches(len(batches), device)):
-        t = batches[i].to_torch(device) if i < len(batches) else None
-        rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0] if t is not None else None
-        if t is None or rows.numel() == 0:
-            if _world()[1]:
-                idle_forward_backward(model)
-            continue
+    for t, rows in _loss_micro_batches(model, batches, device, idle_forward_backward):
         hidden, head = _hidden_and_head(model, t, autocast)
         forwards += 1
         ref_lp = None
@@ -209,6 +202,20 @@ def policy_update(model, trajectories, *, optimizer, loss_config: PolicyLossConf
                         probe_forward_passes=probe_forwards, seconds_probe=time.perf_counter() - t2)
 
 
+def _loss_micro_batches(model, batches, device, idle):
+    """(tensors, loss-row indices) of each micro-batch that has loss rows. Every rank runs the same
+    number of passes (FSDP collectives must pair up): a rank out of batches, or on one without
+    loss rows, calls idle(model) instead."""
+    for i in range(global_micro_batches(len(batches), device)):
+        t = batches[i].to_torch(device) if i < len(batches) else None
+        rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0] if t is not None else None
+        if t is None or rows.numel() == 0:
+            if _world()[1]:
+                idle(model)
+            continue
+        yield t, rows
+
+
 def _on_policy_rows(flags, t, rows):
     """Per loss row of micro-batch t: does its trajectory train with ratio 1 (None: no flags)."""
     if not flags.numel():
@@ -237,13 +244,7 @@ def _probe(model, batches, device, loss_config, control_ids, global_tokens, glob
     """The fused op's metrics of the updated weights on this step's micro-batches, forward only,
     against the rollout log-probs (rows the update trained on-policy count as on-policy here too)."""
     metrics_list, weights, forwards = [], [], 0
-    for i in range(global_micro_batches(len(batches), device)):
-        t = batches[i].to_torch(device) if i < len(batches) else None
-        rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0] if t is not None else None
-        if t is None or rows.numel() == 0:
-            if _world()[1]:
-                idle_forward(model)
-            continue
+    for t, rows in _loss_micro_batches(model, batches, device, idle_forward):
         hidden, head = _hidden_and_head(model, t, autocast)
         forwards += 1
         out = linear_policy_loss(
