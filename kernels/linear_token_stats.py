@@ -110,7 +110,11 @@ CUDA_CANDIDATES = [
 
 def _default_config(hidden: torch.Tensor) -> dict:
     if hidden.is_cuda:
-        return dict(CUDA_CONFIG)
+        cfg = dict(CUDA_CONFIG)
+        # The tiles are sized for 2-byte inputs; fp32 tiles of the same BLOCK_H need twice the
+        # shared memory (128/128/128 in fp32 asks 256 KiB of the H200's 227 KiB): halve BLOCK_H.
+        cfg["BLOCK_H"] = max(16, cfg["BLOCK_H"] * 2 // hidden.element_size())
+        return cfg
     # Interpreter (CPU tensors): small tiles keep it quick while still exercising ragged edges.
     return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32, GROUP_N=2, num_warps=4, num_stages=1)
 
