@@ -330,9 +330,11 @@ def policy_breakdown(n, h, v, dtype, reps, workspace_bytes=lts.DEFAULT_WORKSPACE
         "gemm_logits_fp32_out": lambda: lts.logits_fp32(xc, w),
         "gemm_logits_bf16_out": lambda: xc @ w.T,
         "row_stats_kernel": lambda: softmax_row_stats(logits, yc, 1.0),
-        "row_stats_kernel_bv2048_w8": lambda: softmax_row_stats(logits, yc, 1.0, 2048, 8),
-        "row_stats_kernel_bv4096_w8": lambda: softmax_row_stats(logits, yc, 1.0, 4096, 8),
-        "row_stats_kernel_bv512_w2": lambda: softmax_row_stats(logits, yc, 1.0, 512, 2),
+        "row_stats_split1": lambda: softmax_row_stats(logits, yc, 1.0, split=1),
+        "row_stats_split4": lambda: softmax_row_stats(logits, yc, 1.0, split=4),
+        "row_stats_split16": lambda: softmax_row_stats(logits, yc, 1.0, split=16),
+        "row_stats_bv2048_w8": lambda: softmax_row_stats(logits, yc, 1.0, 2048, 8),
+        "row_stats_bv512_w2": lambda: softmax_row_stats(logits, yc, 1.0, 512, 2),
         "torch_logsumexp": lambda: torch.logsumexp(logits, dim=1),
         "logits_grad_kernel": lambda: logits_grad(logits, lse, a, bb, yc, gy, 1.0, out=dz),
         "gemm_dx": lambda: dz @ w,
@@ -346,6 +348,37 @@ def policy_breakdown(n, h, v, dtype, reps, workspace_bytes=lts.DEFAULT_WORKSPACE
         out["ms_whole_batch"][name] = ms * chunks
     print(out, flush=True)
     return out
+
+
+def profile_policy_step(n, h, v, dtype, out_dir, steps=3):
+    """torch.profiler over a few fastrl policy-loss steps: GPU time per kernel against the wall
+    time, and the host syncs (aten::_local_scalar_dense, cudaStreamSynchronize) per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = make_inputs(n, h, v, dtype, "cuda", 1)
+    fn = make_candidates("policy", inputs, "triton")["fastrl"]
+    for _ in range(2):
+        fn(), clear_grads(inputs)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn(), clear_grads(inputs)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    events = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / steps
+    syncs = {e.key: e.count / steps for e in events
+             if e.key in ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")}
+    table = events.table(sort_by="self_device_time_total", row_limit=30)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "profile_policy.txt").write_text(
+        f"N={n} H={h} V={v}: wall {wall_ms:.2f} ms/step, GPU kernels {gpu_ms:.2f} ms/step, "
+        f"syncs/step {syncs}\n\n{table}\n")
+    summary = dict(N=n, H=h, V=v, wall_ms_per_step=wall_ms, gpu_kernel_ms_per_step=gpu_ms,
+                   syncs_per_step=syncs)
+    print(summary, flush=True)
+    return summary
 
 
 def environment():
@@ -400,6 +433,8 @@ def main(argv=None):
     parser.add_argument("--impls", nargs="*", help="only these candidates (e.g. fastrl cublas_floor)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the pieces of the policy-loss step at the first shape")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile fastrl's policy-loss step at the first shape (profile_policy.txt)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench.kernels needs a CUDA GPU (CPU microbenchmarks: make bench)")
@@ -418,6 +453,8 @@ def main(argv=None):
     env["triton_forward_default"] = lts.TRITON_FORWARD
     if args.breakdown:
         env["policy_breakdown"] = policy_breakdown(*shapes[0], torch.bfloat16, args.rep_ms)
+    if args.profile:
+        env["policy_profile"] = profile_policy_step(*shapes[0], torch.bfloat16, args.out)
     rows = []
     for n, h, v in shapes:
         print(f"== N={n} H={h} V={v}", flush=True)

@@ -102,6 +102,26 @@ def test_on_policy_rows_mix_with_off_policy_rows(backend, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_rl_data_at_other_kinds_never_reaches_loss_or_gradients(backend, gen):
+    """Every kind's term is computed on every row and picked with torch.where, so non-finite
+    advantages / old / ref log-probs at SFT and unlikelihood rows must not leak (0 * inf = NaN)."""
+    b = make_batch(gen)
+    cfg = CONFIGS["clip_higher_dual_kl_k3_entropy"]
+    xr, wr = b["x"].double().requires_grad_(), b["w"].double().requires_grad_()
+    ref = reference_policy_loss(xr, wr, b["y"], b["kinds"], b["adv"], b["old"], b["ref"],
+                                **reference_kwargs(cfg))
+    ref.backward()
+    not_rl = b["kinds"] != TokenKind.RL
+    for key, bad in (("adv", float("inf")), ("old", float("nan")), ("ref", -float("inf"))):
+        b[key] = torch.where(not_rl, bad, b[key])
+    out, gx, gw = run(b, cfg, backend)
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx.double(), xr.grad, rtol=1e-4, atol=1e-5 * xr.grad.abs().max().item())
+    torch.testing.assert_close(gw.double(), wr.grad, rtol=1e-4, atol=1e-5 * wr.grad.abs().max().item())
+    assert all(bool(torch.isfinite(v)) for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_on_policy_ratio_is_one_and_detached(backend, gen):
     b = make_batch(gen)
     b["kinds"][:] = TokenKind.RL

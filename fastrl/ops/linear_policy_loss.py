@@ -92,41 +92,38 @@ def token_losses(logp, entropy, kinds, advantages, old_logprobs, ref_logprobs, c
                  on_policy_rows=None):
     """Per-token loss_t (before aggregation weights) and the RL clip mask. Differentiable in
     logp and entropy; everything else is data. `on_policy_rows` (bool) marks RL rows whose ratio
-    is 1 (old = logp, detached) whatever old_logprobs says."""
-    loss = torch.zeros_like(logp)
-    clipped = torch.zeros_like(logp, dtype=torch.bool)
-    kl = torch.zeros_like(logp)
+    is 1 (old = logp, detached) whatever old_logprobs says.
 
+    Every kind's term is computed on every row and picked with torch.where: boolean indexing
+    would sync with the host once per token chunk and idle the GPU while the chunk's small ops
+    are issued. Rows of other kinds get finite stand-ins for their data first, since a branch
+    that where() discards still sends 0 * inf = NaN back through autograd."""
     rl = kinds == TokenKind.RL
-    if bool(rl.any()):
-        lp = logp[rl]
-        adv = advantages[rl].float()
-        old = lp.detach() if old_logprobs is None else old_logprobs[rl].float()
-        if old_logprobs is not None and on_policy_rows is not None:
-            old = torch.where(on_policy_rows[rl], lp.detach(), old)
-        ratio = torch.exp(lp - old)
-        unclipped = -adv * ratio
-        clipped_obj = -adv * torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
-        pg = torch.maximum(unclipped, clipped_obj)
-        if cfg.dual_clip is not None:
-            pg = torch.where(adv < 0, torch.minimum(pg, -adv * cfg.dual_clip), pg)
-        rl_loss = pg - cfg.entropy_coef * entropy[rl]
-        if cfg.kl_coef:
-            delta = ref_logprobs[rl].float() - lp
-            kl_rl = -delta if cfg.kl_estimator == "k1" else torch.exp(delta) - delta - 1
-            rl_loss = rl_loss + cfg.kl_coef * kl_rl
-            kl[rl] = kl_rl.detach()
-        loss[rl] = rl_loss
-        clipped[rl] = clipped_obj.detach() > unclipped.detach()
+    lp_fixed = logp.detach()
+    adv = torch.zeros_like(logp) if advantages is None else torch.where(rl, advantages.float(), 0.0)
+    old = lp_fixed if old_logprobs is None else torch.where(rl, old_logprobs.float(), lp_fixed)
+    if old_logprobs is not None and on_policy_rows is not None:
+        old = torch.where(on_policy_rows, lp_fixed, old)
+    ratio = torch.exp(logp - old)
+    unclipped = -adv * ratio
+    clipped_obj = -adv * torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
+    rl_loss = torch.maximum(unclipped, clipped_obj)
+    if cfg.dual_clip is not None:
+        rl_loss = torch.where(adv < 0, torch.minimum(rl_loss, -adv * cfg.dual_clip), rl_loss)
+    rl_loss = rl_loss - cfg.entropy_coef * entropy
+    kl = torch.zeros_like(lp_fixed)
+    if cfg.kl_coef and ref_logprobs is not None:
+        delta = torch.where(rl, ref_logprobs.float(), lp_fixed) - logp
+        kl_rl = -delta if cfg.kl_estimator == "k1" else torch.exp(delta) - delta - 1
+        rl_loss = rl_loss + cfg.kl_coef * kl_rl
+        kl = torch.where(rl, kl_rl.detach(), 0.0)
 
-    sft = kinds == TokenKind.SFT
-    if bool(sft.any()):
-        loss[sft] = -cfg.sft_weight * logp[sft]
-
-    ul = kinds == TokenKind.UNLIKELIHOOD
-    if bool(ul.any()):
-        one_minus_p = torch.clamp(-torch.expm1(logp[ul]), min=UNLIKELIHOOD_EPS)
-        loss[ul] = -cfg.unlikelihood_weight * torch.log(one_minus_p)
+    one_minus_p = torch.clamp(-torch.expm1(logp), min=UNLIKELIHOOD_EPS)
+    loss = torch.where(rl, rl_loss,
+                       torch.where(kinds == TokenKind.SFT, -cfg.sft_weight * logp,
+                                   torch.where(kinds == TokenKind.UNLIKELIHOOD,
+                                               -cfg.unlikelihood_weight * torch.log(one_minus_p), 0.0)))
+    clipped = rl & (clipped_obj.detach() > unclipped.detach())
     return loss, clipped, kl
 
 
@@ -295,7 +292,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
             g_h = torch.zeros_like(lse) if g_h is None else g_h
             dz = logits_grad(logits, lse, -g_h * ent - g_y, -g_h, y, g_y, inv_tau, hidden.dtype, backend)
             if need_dx:
-                dx_a[start:end] = dz @ w
+                torch.mm(dz, w, out=dx_a[start:end])
             if need_dw:
                 accumulate_weight_grad(dw_acc, dz, x)
             del dz
@@ -317,7 +314,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
 
 def _masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    # where, not x * mask: values outside the mask may be inf/NaN (e.g. old log-probs at SFT rows)
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def _metrics(kinds, targets, logp, entropy, control_logprobs, clipped, kl, old, control, cfg):
