@@ -182,9 +182,10 @@ class _PolicyLoss(torch.autograd.Function):
                                "(retain_graph is not supported); call the op again instead")
         ctx.done = True
         dx, dw = ctx.saved_tensors
-        gx = dx.mul_(grad_out.to(dx.dtype)) if ctx.has_dx else None
-        gw = dw.mul_(grad_out.to(dw.dtype)) if ctx.has_dw else None
-        return gx, gw, None, None, None
+        if bool(grad_out != 1):   # the usual loss.backward() passes 1: skip a pass over [V, H]
+            dx = dx.mul_(grad_out.to(dx.dtype)) if ctx.has_dx else None
+            dw = dw.mul_(grad_out.to(dw.dtype)) if ctx.has_dw else None
+        return (dx if ctx.has_dx else None), (dw if ctx.has_dw else None), None, None, None
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
