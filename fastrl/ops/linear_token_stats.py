@@ -237,8 +237,9 @@ def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, en
 # (cuBLAS) writes fp32 logits of one token chunk at a time (bounded by the workspace) and the
 # Triton row-stats kernel reads each chunk once. bench/kernels.py times both side by side and its
 # JSON records which one was the default; the tests run both. On an H200 (bf16, N=8192, H=4096,
-# V=151936) gemm_chunks took 17.5 ms and fused 20.5 ms against 14.7 ms for the bare GEMM
-# (bench/results/kernels_nvidia_h200.json), so gemm_chunks is the default.
+# V=151936) gemm_chunks took 16.7 ms and fused 20.6 ms against 14.5 ms for the bare GEMM
+# (bench/results/kernels_nvidia_h200.json): cuBLAS's GEMM outruns Triton's by more than the
+# extra pass over the logits costs, so gemm_chunks is the default.
 TRITON_FORWARD = "gemm_chunks"
 
 
