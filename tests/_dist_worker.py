@@ -87,7 +87,7 @@ def run_step(seed: int, info=None) -> dict:
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-def forward_backward(model, trajs, budget: int) -> torch.Tensor:
+def forward_backward(model, trajs, budget: int, device="cpu") -> torch.Tensor:
     """The loop policy_update runs for a sharded model (plain models too): every micro-batch's
     loss through forward_with_head, normalised by the global counts, idle passes up to the most
     micro-batches any rank has. Returns this rank's loss sum and (own micro-batches, passes run)."""
@@ -95,15 +95,15 @@ def forward_backward(model, trajs, budget: int) -> torch.Tensor:
     batches = pack_micro_batches(SequenceStore.from_trajectories(trajs), budget, VOCAB)
     counts = torch.tensor([sum(int((b.kinds != TokenKind.IGNORE).sum()) for b in batches),
                            sum(len(set(b.seq_index[b.kinds != TokenKind.IGNORE].tolist())) for b in batches)],
-                          dtype=torch.float64)
-    loss = torch.zeros((), dtype=torch.float64)
+                          dtype=torch.float64, device=device)   # nccl reduces CUDA tensors only
+    loss = torch.zeros((), dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(counts)     # the global normalisers
     steps = global_micro_batches(len(batches))
     for i in range(steps):
         rows = None
         if i < len(batches):
-            t = batches[i].to_torch("cpu")
+            t = batches[i].to_torch(device)
             rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0]
         if rows is None or rows.numel() == 0:
             idle_forward_backward(model)
@@ -127,14 +127,15 @@ def fsdp_step(seed: int, info=None) -> dict:
     does not depend on packing), so the ranks have different micro-batch counts to pad."""
     trajs, _ = build_batch(seed)
     model = build_model(seed)
-    budget = MICRO_BATCH_TOKENS
+    budget, device = MICRO_BATCH_TOKENS, "cpu"
     if info is not None and info.enabled:
+        device = info.device          # CUDA under nccl: wrap_model moves the model there
         trajs, _ = shard_trajectories(trajs, info.rank, info.world_size)
         model = wrap_model(model, info, shard=True)
         assert is_sharded(model)
         budget = 4096 if info.rank == 0 else max(len(t) for t in trajs)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loss, micro_batches = forward_backward(model, trajs, budget)
+    loss, micro_batches = forward_backward(model, trajs, budget, device)
     if dist.is_initialized():
         dist.all_reduce(loss)       # only the loss: FSDP already summed the gradients
     norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), GRAD_CLIP)

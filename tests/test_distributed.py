@@ -39,7 +39,8 @@ def run_torchrun(out_dir: Path, seed: int, *args: str, nproc: int = 2) -> None:
            "--master_addr", "127.0.0.1", "--master_port", str(free_loopback_port()),
            str(WORKER), str(out_dir), str(seed), *args]
     # Loopback only; one thread per rank on shared cores.
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", NCCL_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)   # its own process group: a timeout kills the ranks too
     try:
@@ -98,6 +99,23 @@ def test_fsdp2_sharded_ranks_match_one_process(tmp_path, seed):
         for k, p in single["params"].items():
             torch.testing.assert_close(r["params"][k], p, rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
         torch.testing.assert_close(r["params"]["lm_head.weight"], r["params"]["model.embed_tokens.weight"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP2 over nccl needs a CUDA device")
+def test_fsdp2_on_cuda_with_nccl_matches_one_cpu_process(tmp_path, seed):
+    """The CUDA path of wrap_model: fully_shard over an nccl mesh (one rank: one GPU cannot host
+    two nccl ranks), the fused loss on CUDA through forward_with_head, clipping over DTensor
+    gradients, full_state_dict gathering from CUDA shards; the same step as one CPU process."""
+    run_torchrun(tmp_path, seed, "fsdp", nproc=1)
+    rank = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    single = _dist_worker.fsdp_step(seed)
+    assert rank["world_size"] == 1 and single["grad_norm"] > _dist_worker.GRAD_CLIP
+    assert rank["loss"] == pytest.approx(single["loss"], rel=1e-5, abs=1e-6)
+    assert rank["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
+    assert rank["params"].keys() == single["params"].keys()
+    for k, p in single["params"].items():
+        torch.testing.assert_close(rank["params"][k], p, rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_fsdp2_checkpoint_and_export_round_trip(tmp_path, seed):
