@@ -37,7 +37,7 @@ def _tile_update(z2, m2, s, u):
     d2 = z2 - m2
     e = tl.exp2(d2)                                   # padding columns: exp2(-inf) = 0
     s += e
-    u += tl.where(e > 0, e * d2, 0.0)                 # 0 * -inf would be NaN
+    u += e * tl.where(e > 0, d2, 0.0)                 # 0 * -inf would be NaN
     return m2, s, u
 
 

@@ -1,6 +1,5 @@
 """linear_policy_loss against the float64 token-by-token reference, both backends."""
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -10,13 +9,6 @@ from fastrl.ops.reference import reference_policy_loss, reference_token_stats
 
 BACKENDS = ["torch", "triton"]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: Triton runs in the interpreter
-
-
-@pytest.fixture
-def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print("seed", seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def make_batch(gen, n=48, h=20, v=531, num_seqs=5):

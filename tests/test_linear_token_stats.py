@@ -1,6 +1,5 @@
 """linear_token_stats against the float64 materialising reference, both backends."""
 import importlib
-import os
 
 import pytest
 import torch
@@ -32,13 +31,6 @@ def make_inputs(n, h, v, gen, *, ignore=True, peaked=True, negative=True):
     if ignore and n > 3:
         y[torch.randperm(n, generator=gen)[: n // 4]] = -100
     return x.to(DEVICE), w.to(DEVICE), y.to(DEVICE)
-
-
-@pytest.fixture
-def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print("seed", seed)
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize("backend,forward_path", [("torch", None), ("triton", "gemm_chunks"),

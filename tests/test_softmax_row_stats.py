@@ -1,20 +1,11 @@
 """The row-statistics kernel (kernels/softmax_row_stats.py) against float64 PyTorch, with the
 vocabulary split into segments (the default split is 1 at CPU test sizes, so force it here)."""
-import os
-
 import pytest
 import torch
 
 from fastrl.kernels.softmax_row_stats import default_split, softmax_row_stats
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: Triton runs in the interpreter
-
-
-@pytest.fixture
-def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print("seed", seed)
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.mark.parametrize("n,v", [(1, 1000), (9, 1531), (4, 4099)])
