@@ -9,7 +9,14 @@ def _version(module_name: str) -> str | None:
         module = __import__(module_name)
     except Exception:  # an optional dependency that is absent or broken is reported as None
         return None
-    return getattr(module, "__version__", "unknown")
+    version = getattr(module, "__version__", None)
+    if version is None:   # e.g. liger_kernel has no __version__: ask its distribution's metadata
+        from importlib import metadata
+        try:
+            version = metadata.version(module_name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+    return version
 
 
 def compiled_extension_active() -> bool:

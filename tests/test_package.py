@@ -13,6 +13,10 @@ def test_info_reports_versions_and_extension():
     assert info["torch"] == torch.__version__
     assert isinstance(info["compiled_extension"], bool)
     assert isinstance(info["cuda_devices"], list)
+    # liger-kernel (in the test extra) has no __version__: its version comes from its metadata.
+    from importlib.metadata import version
+
+    assert info["liger_kernel"] == version("liger-kernel")
 
 
 def test_installed_package_uses_compiled_extension():
