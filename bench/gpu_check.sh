@@ -4,7 +4,7 @@
 # layer kernels, gradient checkpointing). Logs and results land in $OUT (default bench/results/gpu).
 #
 #   bash bench/gpu_check.sh                 # quick benchmark shape (N=8192, H=4096, V=151936)
-#   BENCH_ARGS="" bash bench/gpu_check.sh   # the whole protocol sweep of docs/kernels.md
+#   BENCH_ARGS="" bash bench/gpu_check.sh   # the whole protocol sweep (bench/kernels.py)
 #   TEST_TIMEOUT / DIST_TIMEOUT / BENCH_TIMEOUT / MEM_TIMEOUT / TRAIN_TIMEOUT (seconds; 0 skips
 #   the step), TRAIN_SFT_STEPS and TRAIN_ARGS (extra --set overrides) for the trainer steps.
 #

@@ -1,11 +1,12 @@
-"""GPU benchmark of the fused ops, following the protocol of docs/kernels.md.
+"""GPU benchmark of the fused ops: the protocol below (modes, baselines, shapes, metrics).
 
     python -m bench.kernels                 # full sweep, writes bench/results/kernels_<gpu>.json + .md
     python -m bench.kernels --quick         # N=8192, H=4096, V=151936 only
     python -m bench.kernels --shapes 2048x1536x151936 --out DIR
 
-Modes, each timed on its own with triton.testing.do_bench (median ms after warm-up, input sets
-rotated so they exceed L2):
+Shapes: bf16, K=8 control ids, N in PROTOCOL_N x (H, V) in PROTOCOL_HV (--quick: N=8192,
+H=4096, V=151936 only). Modes, each timed on its own with triton.testing.do_bench (median ms after
+warm-up, input sets rotated so they exceed L2):
   fwd        forward-only statistics (old / reference log-probs)          FLOPs counted: 2NHV
   fwd_bwd    statistics forward + backward (recomputes logits)             FLOPs counted: 8NHV
              (fastrl; the materialising baselines and the floor do 6NHV and are counted so)

@@ -2,7 +2,7 @@
 
 Each program owns BLOCK_N rows and one contiguous split of the vocabulary. It walks its split in
 BLOCK_V tiles; for each tile it forms the logits tile with tl.dot over H (fp32 accumulation) and
-folds it into running per-row statistics (see shared maths in docs/kernels.md):
+folds it into running per-row statistics (the maths: fastrl/ops/linear_token_stats.py):
 
     m  running max of z            (starts at -inf)
     s  sum exp(z - m)

@@ -95,7 +95,7 @@ class OptimConfig:
 
 @dataclass
 class SupervisionConfig:
-    """The supervisory signals of docs/method.md and how they are scheduled."""
+    """The supervisory signals (OPS, HBG, ETS; see the README) and how they are scheduled."""
     scheme: str = "sync"               # none | sync | interleaved
     sft_weight: float = 0.0            # sync: weight of the SFT term on expert tokens (OPS + ETS)
     ops_expert_sft: bool = True        # OPS: expert trajectories of this step's tasks get SFT
