@@ -181,6 +181,12 @@ def test_metrics_match_reference_statistics(backend, gen):
     assert m["logprob_gap_mean"] == pytest.approx(float((logp - b["old"].double()).abs()[rl].mean()), rel=1e-4)
     torch.testing.assert_close(out.logprobs.double(), logp, rtol=1e-5, atol=1e-5)
 
+    # No RL row targets a control token: the control-target statistics are 0, not inf or NaN.
+    b["kinds"] = torch.where(rl & is_ctrl, TokenKind.SFT, b["kinds"])
+    m = {k: float(v) for k, v in run(b, cfg, backend)[0].metrics.items()}
+    assert m["tokens_rl_control_target"] == 0
+    assert m["control_confidence_min"] == 0.0 and m["control_confidence_mean"] == 0.0
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bitwise_deterministic(backend, gen):

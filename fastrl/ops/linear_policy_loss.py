@@ -345,8 +345,10 @@ def _metrics(kinds, targets, logp, entropy, control_logprobs, clipped, kl, old, 
             "intrusion_mean": _masked_mean(p_ctrl, plain),
             "intrusion_max": torch.where(plain, p_ctrl, 0.0).max() if plain.numel() else p_ctrl.new_zeros(()),
             "control_confidence_mean": _masked_mean(logp, at_ctrl),
-            "control_confidence_min": (torch.where(at_ctrl, logp, float("inf")).min()
-                                       if bool(at_ctrl.any()) else logp.new_zeros(())),
+            # 0 when no RL row targets a control token; where(), not an if: no host sync
+            "control_confidence_min": (torch.where(at_ctrl.any(),
+                                                   torch.where(at_ctrl, logp, float("inf")).min(), 0.0)
+                                       if logp.numel() else logp.new_zeros(())),
             "entropy_control_mean": _masked_mean(entropy, at_ctrl),
             "spike_count": (plain & (max_c > cfg.spike_threshold)).sum(),
         })
