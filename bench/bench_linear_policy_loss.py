@@ -1,6 +1,12 @@
-"""pytest-benchmark microbenchmarks of the fused policy-loss step (CPU-sized; GPU: bench/kernels.py)."""
+"""pytest-benchmark microbenchmarks of the fused policy-loss step (CPU-sized; GPU: bench/kernels.py).
+The triton backend runs on CUDA where present, else in the Triton interpreter at a tiny size."""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any kernel module is imported
 
 from bench.kernels import eager_policy_loss
 from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss
@@ -41,3 +47,23 @@ def test_policy_step_fastrl_torch_backend(benchmark, inputs):
 @pytest.mark.benchmark(group="policy_loss_step")
 def test_policy_step_eager_materialised(benchmark, inputs):
     benchmark(_eager, inputs)
+
+
+@pytest.mark.benchmark(group="policy_loss_step_triton")
+def test_policy_step_fastrl_triton_backend(benchmark):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n, h, v = (N, H, V) if dev == "cuda" else (16, 32, 1000)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, h, generator=gen).to(dev).requires_grad_()
+    w = (torch.randn(v, h, generator=gen) * h ** -0.5).to(dev).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=gen).to(dev)
+    adv, old = torch.randn(n, generator=gen).to(dev), (-torch.rand(n, generator=gen) * 8).to(dev)
+    kinds = torch.full((n,), int(TokenKind.RL), device=dev)
+
+    def step():
+        out = linear_policy_loss(x, w, y, kinds=kinds, advantages=adv, old_logprobs=old, control_ids=[1, 2, 3],
+                                 config=PolicyLossConfig(), backend="triton")
+        out.loss.backward()
+        x.grad = w.grad = None
+
+    benchmark(step)

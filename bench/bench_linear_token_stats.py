@@ -1,7 +1,14 @@
 """pytest-benchmark microbenchmarks of linear_token_stats (CPU-sized; the GPU protocol is
-bench/kernels.py). Run: make bench  (or pytest bench --benchmark-enable -o python_files='bench_*.py')."""
+bench/kernels.py). Run: make bench  (or pytest bench --benchmark-enable -o python_files='bench_*.py').
+The triton backend runs on CUDA where present, else in the Triton interpreter at a tiny size (it
+checks that the path runs; interpreter timings say nothing about GPU speed)."""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any kernel module is imported
 
 from bench.kernels import eager_stats
 from fastrl.ops import linear_token_stats
@@ -58,3 +65,19 @@ def test_fwd_bwd_fastrl_torch_backend(benchmark, inputs):
 @pytest.mark.benchmark(group="token_stats_fwd_bwd")
 def test_fwd_bwd_eager_materialised(benchmark, inputs):
     benchmark(_eager_fwd_bwd, *inputs)
+
+
+@pytest.mark.benchmark(group="token_stats_triton")
+def test_fwd_bwd_fastrl_triton_backend(benchmark):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    n, h, v = (N, H, V) if dev == "cuda" else (16, 32, 1000)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, h, generator=gen).to(dev).requires_grad_()
+    w = (torch.randn(v, h, generator=gen) * h ** -0.5).to(dev)
+    y = torch.randint(0, v, (n,), generator=gen).to(dev)
+
+    def step():
+        out = linear_token_stats(x, w, y, control_ids=[1, 2, 3], backend="triton")
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+
+    benchmark(step)
