@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before any kernel module is imported
 
-from bench.kernels import eager_policy_loss
+from bench.kernels import eager_policy_loss, make_inputs
 from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss
 
 N, H, V = 512, 256, 16384
@@ -24,11 +24,11 @@ def inputs():
                 old=-torch.rand(N, generator=gen) * 8, kinds=torch.full((N,), int(TokenKind.RL)))
 
 
-def _fused(b):
+def _fused(b, backend="torch"):
     x = b["x"].detach().requires_grad_()
     out = linear_policy_loss(x, b["w"], b["y"], kinds=b["kinds"], advantages=b["adv"],
                              old_logprobs=b["old"], control_ids=b["control"], config=PolicyLossConfig(),
-                             backend="torch")
+                             backend=backend)
     out.loss.backward()
     b["w"].grad = None
 
@@ -53,17 +53,4 @@ def test_policy_step_eager_materialised(benchmark, inputs):
 def test_policy_step_fastrl_triton_backend(benchmark):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     n, h, v = (N, H, V) if dev == "cuda" else (16, 32, 1000)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, h, generator=gen).to(dev).requires_grad_()
-    w = (torch.randn(v, h, generator=gen) * h ** -0.5).to(dev).requires_grad_()
-    y = torch.randint(0, v, (n,), generator=gen).to(dev)
-    adv, old = torch.randn(n, generator=gen).to(dev), (-torch.rand(n, generator=gen) * 8).to(dev)
-    kinds = torch.full((n,), int(TokenKind.RL), device=dev)
-
-    def step():
-        out = linear_policy_loss(x, w, y, kinds=kinds, advantages=adv, old_logprobs=old, control_ids=[1, 2, 3],
-                                 config=PolicyLossConfig(), backend="triton")
-        out.loss.backward()
-        x.grad = w.grad = None
-
-    benchmark(step)
+    benchmark(_fused, make_inputs(n, h, v, torch.float32, dev, copies=1)[0], "triton")

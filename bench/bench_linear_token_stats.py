@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # before any kernel module is imported
 
-from bench.kernels import eager_stats
+from bench.kernels import eager_stats, make_inputs
 from fastrl.ops import linear_token_stats
 
 N, H, V = 512, 256, 16384
@@ -45,9 +45,9 @@ def test_fwd_bare_gemm(benchmark, inputs):
     benchmark(torch.matmul, x, w.T)
 
 
-def _fused_fwd_bwd(x, w, y, c):
+def _fused_fwd_bwd(x, w, y, c, backend="torch"):
     xx = x.detach().requires_grad_()
-    out = linear_token_stats(xx, w, y, control_ids=c, backend="torch")
+    out = linear_token_stats(xx, w, y, control_ids=c, backend=backend)
     (out.logprobs.sum() + out.entropy.sum()).backward()
 
 
@@ -71,13 +71,5 @@ def test_fwd_bwd_eager_materialised(benchmark, inputs):
 def test_fwd_bwd_fastrl_triton_backend(benchmark):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     n, h, v = (N, H, V) if dev == "cuda" else (16, 32, 1000)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(n, h, generator=gen).to(dev).requires_grad_()
-    w = (torch.randn(v, h, generator=gen) * h ** -0.5).to(dev)
-    y = torch.randint(0, v, (n,), generator=gen).to(dev)
-
-    def step():
-        out = linear_token_stats(x, w, y, control_ids=[1, 2, 3], backend="triton")
-        (out.logprobs.sum() + out.entropy.sum()).backward()
-
-    benchmark(step)
+    b = make_inputs(n, h, v, torch.float32, dev, copies=1)[0]
+    benchmark(_fused_fwd_bwd, b["x"], b["w"].detach(), b["y"], b["control"], "triton")

@@ -170,7 +170,6 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, loss_value, dx, dw):
         ctx.save_for_backward(dx, dw)
-        ctx.has_dx, ctx.has_dw = dx is not None, dw is not None
         return loss_value.clone()
 
     @staticmethod
@@ -181,11 +180,11 @@ class _PolicyLoss(torch.autograd.Function):
             raise RuntimeError("linear_policy_loss: backward ran twice through the same loss "
                                "(retain_graph is not supported); call the op again instead")
         ctx.done = True
-        dx, dw = ctx.saved_tensors
-        if bool(grad_out != 1):   # the usual loss.backward() passes 1: skip a pass over [V, H]
-            dx = dx.mul_(grad_out.to(dx.dtype)) if ctx.has_dx else None
-            dw = dw.mul_(grad_out.to(dw.dtype)) if ctx.has_dw else None
-        return (dx if ctx.has_dx else None), (dw if ctx.has_dw else None), None, None, None
+        dx, dw = ctx.saved_tensors   # None where that gradient was not needed
+        if bool(grad_out != 1):      # the usual loss.backward() passes 1: skip a pass over [V, H]
+            dx = None if dx is None else dx.mul_(grad_out.to(dx.dtype))
+            dw = None if dw is None else dw.mul_(grad_out.to(dw.dtype))
+        return dx, dw, None, None, None
 
 
 def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

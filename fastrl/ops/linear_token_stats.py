@@ -225,7 +225,7 @@ def linear_grads_from_upstream(hidden, weight, targets, control_ids, inv_tau, en
         if control_ids.numel():
             dz[:, control_ids] += (g_c[start:end] * inv_tau).to(dz.dtype)
         if need_dx:
-            dx[start:end] = dz @ weight
+            torch.mm(dz, weight, out=dx[start:end])
         if need_dw:
             accumulate_weight_grad(dw_acc, dz, x)
         del logits, dz
