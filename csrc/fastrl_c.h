@@ -4,9 +4,15 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <exception>
 #include <sstream>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace fastrl {
 
@@ -23,6 +29,50 @@ std::string cat(const Parts&... parts) {
   std::ostringstream out;
   (out << ... << parts);
   return out.str();
+}
+
+// Worker threads for the data-path loops: FASTRL_NUM_THREADS when set (1 = serial), else the
+// machine's cores, at most 8 (these loops are memory-bound; more threads only contend).
+inline int max_threads() {
+  if (const char* env = std::getenv("FASTRL_NUM_THREADS")) {
+    const int n = std::atoi(env);
+    if (n >= 1) return n;
+  }
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  return std::clamp(cores, 1, 8);
+}
+
+// Runs fn(task) for task in [0, num_tasks) on up to max_threads() threads (tasks are claimed in
+// order from a shared counter). Call with the GIL released; fn must not touch Python objects.
+// An exception escapes from the lowest-numbered failing task, so errors do not depend on
+// scheduling.
+template <typename Fn>
+void parallel_tasks(int64_t num_tasks, Fn fn) {
+  const int64_t threads = std::min<int64_t>(max_threads(), num_tasks);
+  if (threads <= 1) {
+    for (int64_t t = 0; t < num_tasks; ++t) fn(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> first_failed{INT64_MAX};
+  std::vector<std::exception_ptr> errors(num_tasks);
+  auto work = [&] {
+    for (int64_t t; (t = next.fetch_add(1)) < num_tasks;) {
+      if (t > first_failed.load()) continue;  // a lower task already failed: its error wins
+      try {
+        fn(t);
+      } catch (...) {
+        errors[t] = std::current_exception();
+        for (int64_t seen = first_failed.load(); t < seen && !first_failed.compare_exchange_weak(seen, t);) {
+        }
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(work);
+  work();
+  for (auto& th : pool) th.join();
+  if (first_failed.load() != INT64_MAX) std::rethrow_exception(errors[first_failed.load()]);
 }
 
 void register_packing(py::module_& m);         // packing.cpp: pack_sequences, balance_partitions

@@ -1,11 +1,13 @@
-// Flat packed tensors of one micro-batch from a store of concatenated sequences.
+// Flat packed tensors of micro-batches from a store of concatenated sequences.
 //
 // Shift convention (same as fastrl/data/_reference.py and fastrl/data/packed.py): row t of the
 // packed batch holds input token t and predicts token t+1 of the same sequence, so
 // target_ids/kinds/logprobs/advantages of row t are those of token t+1. The last row of each
 // sequence has no target: target id 0, kind IGNORE, log-prob 0, advantage 0.
 #include <climits>
-#include <vector>
+#include <cstring>
+
+#include <pybind11/stl.h>  // the list of orders of build_packed_batches
 
 #include "fastrl_c.h"
 
@@ -15,20 +17,26 @@ namespace {
 constexpr int8_t kIgnore = 0;
 constexpr int8_t kMaxKind = 3;  // TokenKind.UNLIKELIHOOD
 
-py::tuple build_packed_tensors(const InArray<int64_t>& token_ids_in, const InArray<int8_t>& kinds_in,
-                               const InArray<float>& logprobs_in, const InArray<float>& advantages_in,
-                               const InArray<int64_t>& offsets_in, const InArray<int64_t>& order_in,
-                               int64_t vocab_size) {
-  const int64_t total = token_ids_in.size();
-  const int64_t num_stored = offsets_in.size() - 1;
-  const int64_t m = order_in.size();
-  const int64_t* offsets = offsets_in.data();
-  const int64_t* order = order_in.data();
+// The store's arrays, checked once however many micro-batches are built from it.
+struct Store {
+  const int64_t* token_ids;
+  const int8_t* kinds;
+  const float* logprobs;
+  const float* advantages;
+  const int64_t* offsets;
+  int64_t num_stored;
+};
 
+Store check_store(const InArray<int64_t>& token_ids, const InArray<int8_t>& kinds,
+                  const InArray<float>& logprobs, const InArray<float>& advantages,
+                  const InArray<int64_t>& offsets_in, int64_t vocab_size) {
+  const int64_t total = token_ids.size();
+  const int64_t num_stored = offsets_in.size() - 1;
+  const int64_t* offsets = offsets_in.data();
   if (vocab_size < 1) throw py::value_error(cat("vocab_size = ", vocab_size, ": must be positive"));
-  if (kinds_in.size() != total || logprobs_in.size() != total || advantages_in.size() != total) {
+  if (kinds.size() != total || logprobs.size() != total || advantages.size() != total) {
     throw py::value_error(cat("token_ids has ", total, " tokens but kinds/logprobs/advantages have ",
-                              kinds_in.size(), "/", logprobs_in.size(), "/", advantages_in.size()));
+                              kinds.size(), "/", logprobs.size(), "/", advantages.size()));
   }
   if (num_stored < 0 || offsets[0] != 0 || offsets[num_stored] != total) {
     throw py::value_error(cat("offsets must start at 0 and end at the number of tokens (", total, ")"));
@@ -39,74 +47,140 @@ py::tuple build_packed_tensors(const InArray<int64_t>& token_ids_in, const InArr
                                 ": lengths must be positive"));
     }
   }
-  int64_t packed = 0;
+  return {token_ids.data(), kinds.data(), logprobs.data(), advantages.data(), offsets, num_stored};
+}
+
+// The eight output arrays of one micro-batch, allocated (with the GIL) before any is filled.
+struct Batch {
+  const int64_t* order;
+  int64_t m, rows;
+  py::array_t<int64_t> input_ids, target_ids, position_ids;
+  py::array_t<int8_t> kinds;
+  py::array_t<float> logprobs, advantages;
+  py::array_t<int32_t> seq_index, cu_seqlens;
+
+  py::tuple arrays() const {
+    return py::make_tuple(input_ids, target_ids, kinds, logprobs, advantages, position_ids,
+                          seq_index, cu_seqlens);
+  }
+};
+
+Batch allocate_batch(const Store& store, const InArray<int64_t>& order_in) {
+  const int64_t m = order_in.size();
+  const int64_t* order = order_in.data();
+  int64_t rows = 0;
   for (int64_t j = 0; j < m; ++j) {
-    if (order[j] < 0 || order[j] >= num_stored) {
+    if (order[j] < 0 || order[j] >= store.num_stored) {
       throw py::value_error(cat("order[", j, "] = ", order[j], " is not a stored sequence (0..",
-                                num_stored - 1, ")"));
+                                store.num_stored - 1, ")"));
     }
-    packed += offsets[order[j] + 1] - offsets[order[j]];
+    rows += store.offsets[order[j] + 1] - store.offsets[order[j]];
   }
-  if (packed > INT32_MAX) {  // cu_seqlens and seq_index are int32, as flash-attn expects
-    throw py::value_error(cat("micro-batch of ", packed, " tokens exceeds 2**31 - 1"));
+  if (rows > INT32_MAX) {  // cu_seqlens and seq_index are int32, as flash-attn expects
+    throw py::value_error(cat("micro-batch of ", rows, " tokens exceeds 2**31 - 1"));
   }
+  return {order, m, rows,
+          py::array_t<int64_t>(rows), py::array_t<int64_t>(rows), py::array_t<int64_t>(rows),
+          py::array_t<int8_t>(rows), py::array_t<float>(rows), py::array_t<float>(rows),
+          py::array_t<int32_t>(rows), py::array_t<int32_t>(m + 1)};
+}
 
-  py::array_t<int64_t> input_ids(packed), target_ids(packed), position_ids(packed);
-  py::array_t<int8_t> kinds(packed);
-  py::array_t<float> logprobs(packed), advantages(packed);
-  py::array_t<int32_t> seq_index(packed), cu_seqlens(m + 1);
-  {
-    int64_t* in = input_ids.mutable_data();
-    int64_t* tgt = target_ids.mutable_data();
-    int64_t* pos = position_ids.mutable_data();
-    int8_t* kd = kinds.mutable_data();
-    float* lp = logprobs.mutable_data();
-    float* adv = advantages.mutable_data();
-    int32_t* sid = seq_index.mutable_data();
-    int32_t* cu = cu_seqlens.mutable_data();
-    const int64_t* src_ids = token_ids_in.data();
-    const int8_t* src_kinds = kinds_in.data();
-    const float* src_lp = logprobs_in.data();
-    const float* src_adv = advantages_in.data();
-
-    py::gil_scoped_release no_gil;
-    int64_t row = 0;
-    cu[0] = 0;
-    for (int64_t j = 0; j < m; ++j) {
-      const int64_t s = order[j];
-      const int64_t begin = offsets[s], len = offsets[s + 1] - begin;
-      for (int64_t t = 0; t < len; ++t) {
-        const int64_t id = src_ids[begin + t];
-        const int8_t kind = src_kinds[begin + t];
-        if (id < 0 || id >= vocab_size) {
-          throw py::value_error(cat("sequence ", s, " token ", t, ": id ", id,
+// Fills one batch; touches no Python object, so it runs without the GIL and on worker threads.
+void fill_batch(const Store& store, Batch& batch, int64_t vocab_size) {
+  int64_t* in = batch.input_ids.mutable_data();
+  int64_t* tgt = batch.target_ids.mutable_data();
+  int64_t* pos = batch.position_ids.mutable_data();
+  int8_t* kd = batch.kinds.mutable_data();
+  float* lp = batch.logprobs.mutable_data();
+  float* adv = batch.advantages.mutable_data();
+  int32_t* sid = batch.seq_index.mutable_data();
+  int32_t* cu = batch.cu_seqlens.mutable_data();
+  int64_t row = 0;
+  cu[0] = 0;
+  for (int64_t j = 0; j < batch.m; ++j) {
+    const int64_t s = batch.order[j];
+    const int64_t begin = store.offsets[s], len = store.offsets[s + 1] - begin;
+    const int64_t* ids = store.token_ids + begin;
+    const int8_t* kds = store.kinds + begin;
+    // Two branch-free max reductions check the whole sequence (they vectorise); only a sequence
+    // holding a bad item is rescanned to name it. Negative values wrap above any limit.
+    uint64_t top_id = 0;
+    uint8_t top_kind = 0;
+    for (int64_t t = 0; t < len; ++t) {
+      top_id = std::max(top_id, static_cast<uint64_t>(ids[t]));
+      top_kind = std::max(top_kind, static_cast<uint8_t>(kds[t]));
+    }
+    if (top_id >= static_cast<uint64_t>(vocab_size) || top_kind > kMaxKind) {
+      for (int64_t t = 0; t < len; ++t) {  // the first bad token; its id is reported first
+        if (ids[t] < 0 || ids[t] >= vocab_size) {
+          throw py::value_error(cat("sequence ", s, " token ", t, ": id ", ids[t],
                                     " outside the vocabulary [0, ", vocab_size, ")"));
         }
-        if (kind < 0 || kind > kMaxKind) {
-          throw py::value_error(cat("sequence ", s, " token ", t, ": kind ", int(kind),
+        if (kds[t] < 0 || kds[t] > kMaxKind) {
+          throw py::value_error(cat("sequence ", s, " token ", t, ": kind ", int(kds[t]),
                                     " is not a TokenKind"));
         }
-        in[row + t] = id;
-        pos[row + t] = t;
-        sid[row + t] = static_cast<int32_t>(j);
-        if (t > 0) {  // token t is the target of row t-1
-          tgt[row + t - 1] = id;
-          kd[row + t - 1] = kind;
-          lp[row + t - 1] = src_lp[begin + t];
-          adv[row + t - 1] = src_adv[begin + t];
-        }
       }
-      const int64_t last = row + len - 1;
-      tgt[last] = 0;
-      kd[last] = kIgnore;
-      lp[last] = 0.0f;
-      adv[last] = 0.0f;
-      row += len;
-      cu[j + 1] = static_cast<int32_t>(row);
+    }
+    // Token t is the input of row t and the target of row t-1: plain and shifted copies.
+    std::memcpy(in + row, ids, len * sizeof(int64_t));
+    std::memcpy(tgt + row, ids + 1, (len - 1) * sizeof(int64_t));
+    std::memcpy(kd + row, kds + 1, (len - 1) * sizeof(int8_t));
+    std::memcpy(lp + row, store.logprobs + begin + 1, (len - 1) * sizeof(float));
+    std::memcpy(adv + row, store.advantages + begin + 1, (len - 1) * sizeof(float));
+    for (int64_t t = 0; t < len; ++t) pos[row + t] = t;
+    std::fill(sid + row, sid + row + len, static_cast<int32_t>(j));
+    const int64_t last = row + len - 1;
+    tgt[last] = 0;
+    kd[last] = kIgnore;
+    lp[last] = 0.0f;
+    adv[last] = 0.0f;
+    row += len;
+    cu[j + 1] = static_cast<int32_t>(row);
+  }
+}
+
+py::tuple build_packed_tensors(const InArray<int64_t>& token_ids, const InArray<int8_t>& kinds,
+                               const InArray<float>& logprobs, const InArray<float>& advantages,
+                               const InArray<int64_t>& offsets, const InArray<int64_t>& order,
+                               int64_t vocab_size) {
+  const Store store = check_store(token_ids, kinds, logprobs, advantages, offsets, vocab_size);
+  Batch batch = allocate_batch(store, order);
+  {
+    py::gil_scoped_release no_gil;
+    fill_batch(store, batch, vocab_size);
+  }
+  return batch.arrays();
+}
+
+py::list build_packed_batches(const InArray<int64_t>& token_ids, const InArray<int8_t>& kinds,
+                              const InArray<float>& logprobs, const InArray<float>& advantages,
+                              const InArray<int64_t>& offsets,
+                              const std::vector<InArray<int64_t>>& orders, int64_t vocab_size) {
+  const Store store = check_store(token_ids, kinds, logprobs, advantages, offsets, vocab_size);
+  const int64_t num_batches = static_cast<int64_t>(orders.size());
+  std::vector<Batch> batches;
+  batches.reserve(num_batches);
+  for (int64_t b = 0; b < num_batches; ++b) {
+    try {
+      batches.push_back(allocate_batch(store, orders[b]));
+    } catch (const py::value_error& e) {
+      throw py::value_error(cat("micro-batch ", b, ": ", e.what()));
     }
   }
-  return py::make_tuple(input_ids, target_ids, kinds, logprobs, advantages, position_ids,
-                        seq_index, cu_seqlens);
+  {
+    py::gil_scoped_release no_gil;
+    parallel_tasks(num_batches, [&](int64_t b) {
+      try {
+        fill_batch(store, batches[b], vocab_size);
+      } catch (const py::value_error& e) {
+        throw py::value_error(cat("micro-batch ", b, ": ", e.what()));
+      }
+    });
+  }
+  py::list out;
+  for (const Batch& batch : batches) out.append(batch.arrays());
+  return out;
 }
 
 }  // namespace
@@ -118,6 +192,11 @@ void register_packed_tensors(py::module_& m) {
         "Pack the stored sequences listed in `order` into flat arrays. Returns (input_ids, "
         "target_ids, kinds, logprobs, advantages, position_ids, seq_index, cu_seqlens); row t "
         "predicts token t+1 and carries that token's kind/logprob/advantage.");
+  m.def("build_packed_batches", &build_packed_batches, py::arg("token_ids"), py::arg("kinds"),
+        py::arg("logprobs"), py::arg("advantages"), py::arg("offsets"), py::arg("orders"),
+        py::arg("vocab_size"),
+        "build_packed_tensors for each order in `orders` (one per micro-batch): the store is "
+        "checked once and the micro-batches are filled on up to FASTRL_NUM_THREADS threads.");
 }
 
 }  // namespace fastrl

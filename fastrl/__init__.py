@@ -28,6 +28,16 @@ def compiled_extension_active() -> bool:
     return True
 
 
+def _data_threads() -> int:
+    """Threads of the compiled data path (FASTRL_NUM_THREADS, else the cores, at most 8); 1 when
+    the pure-Python fallback runs."""
+    try:
+        from fastrl import _C
+    except ImportError:
+        return 1
+    return _C.max_threads()
+
+
 def info() -> dict:
     """Versions of fastrl and its stack, whether the compiled extension is active, CUDA devices."""
     import torch
@@ -46,5 +56,6 @@ def info() -> dict:
         "vllm": _version("vllm"),
         "liger_kernel": _version("liger_kernel"),
         "compiled_extension": compiled_extension_active(),
+        "data_threads": _data_threads(),
         "cuda_devices": devices,
     }

@@ -121,3 +121,51 @@ def test_mismatched_lengths_rejected(rng):
     model = tiny_qwen2("sdpa")
     with pytest.raises(ValueError, match="cu_seqlens ends at 4 but there are 5 tokens"):
         packed_forward(model, torch.arange(5), torch.arange(5), torch.tensor([0, 4]))
+
+
+def test_varlen_path_passes_sequence_boundaries_to_the_kernel(rng, monkeypatch):
+    # flash-attn is not installed on CPU machines; this registers a PyTorch stand-in for its varlen
+    # kernel under transformers' "flash_attention_2" name, so packed_forward's flash path runs
+    # through transformers up to the kernel call. The stand-in attends within the sequences it is
+    # told about (cu_seq_lens_q) and over the whole row when told none, like flash-attn.
+    from transformers.modeling_utils import AttentionInterface
+
+    calls = []
+
+    def varlen_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        calls.append(kwargs)
+        cu = kwargs.get("cu_seq_lens_q")
+        bounds = cu.tolist() if cu is not None else [0, query.shape[2]]
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling)
+            for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
+        return out.transpose(1, 2), None
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", varlen_attention)
+    model = tiny_qwen2("sdpa")
+    store, batch = random_batch(rng, n=6)
+    t = batch.to_torch()
+    with torch.no_grad():
+        unpacked = []                                  # the reference: sdpa, one sequence at a time
+        for s in batch.sequences.tolist():
+            ids = torch.from_numpy(store.token_ids[store.offsets[s]:store.offsets[s + 1]])
+            unpacked.append(target_logprobs(model(ids[None]).logits[0],
+                                            torch.cat([ids[1:], ids[:1] * 0])))
+        model.config._attn_implementation = "flash_attention_2"
+        out = packed_forward(model, t["input_ids"], t["position_ids"], t["cu_seqlens"],
+                             return_logits=True, layout="padded")   # layout is ignored by varlen
+        leaky = model(t["input_ids"][None], position_ids=t["position_ids"][None]).logits[0]
+    packed_calls, plain_calls = calls[:2], calls[2:]
+    assert len(packed_calls) == len(plain_calls) == 2    # one per layer
+    for kwargs in packed_calls:
+        assert torch.equal(kwargs["cu_seq_lens_q"].long(), t["cu_seqlens"].long())
+        assert torch.equal(kwargs["cu_seq_lens_k"].long(), t["cu_seqlens"].long())
+        assert kwargs["max_length_q"] == kwargs["max_length_k"] == batch.max_seqlen
+    torch.testing.assert_close(target_logprobs(out.logits, t["target_ids"]), torch.cat(unpacked),
+                               atol=1e-5, rtol=0)
+    # Without the boundaries the same kernel lets later sequences attend earlier ones.
+    assert all("cu_seq_lens_q" not in kwargs for kwargs in plain_calls)
+    first = int(t["cu_seqlens"][1])
+    assert (out.logits[first:] - leaky[first:]).abs().max() > 1e-3

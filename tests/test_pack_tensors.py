@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastrl.data.packed import (PackedBatch, build_packed_batch, control_token_mask,
-                                pack_micro_batches, turn_boundaries)
+from fastrl.data.packed import (PackedBatch, build_packed_batch, build_packed_batches,
+                                control_token_mask, pack_micro_batches, turn_boundaries)
 from fastrl.data.trajectory import SequenceStore, Trajectory
 from fastrl.ops.token_kind import TokenKind
 
@@ -120,17 +120,18 @@ def test_build_bad_input_names_the_item(rng, impl):
     store, _ = random_store(rng, 5)
     bad = SequenceStore(store.token_ids.copy(), store.kinds.copy(), store.logprobs,
                         store.advantages, store.offsets)
-    pos = int(store.offsets[3]) + 1
+    s = int(np.flatnonzero(store.lengths >= 2)[-1])    # a prompt may be a single token
+    pos = int(store.offsets[s]) + 1
     bad.token_ids[pos] = VOCAB + 7
-    with pytest.raises(ValueError, match=f"sequence 3 token 1: id {VOCAB + 7} outside the vocab"):
-        build_packed_batch(bad, [0, 3], VOCAB, impl=impl)
+    with pytest.raises(ValueError, match=f"sequence {s} token 1: id {VOCAB + 7} outside the vocab"):
+        build_packed_batch(bad, [0, s], VOCAB, impl=impl)
     bad.token_ids[pos] = -2
-    with pytest.raises(ValueError, match="sequence 3 token 1: id -2"):
-        build_packed_batch(bad, [3], VOCAB, impl=impl)
+    with pytest.raises(ValueError, match=f"sequence {s} token 1: id -2"):
+        build_packed_batch(bad, [s], VOCAB, impl=impl)
     bad.token_ids[pos] = 5
     bad.kinds[pos] = 7
-    with pytest.raises(ValueError, match="sequence 3 token 1: kind 7 is not a TokenKind"):
-        build_packed_batch(bad, [3], VOCAB, impl=impl)
+    with pytest.raises(ValueError, match=f"sequence {s} token 1: kind 7 is not a TokenKind"):
+        build_packed_batch(bad, [s], VOCAB, impl=impl)
     with pytest.raises(ValueError, match=r"order\[1\] = 5 is not a stored sequence"):
         build_packed_batch(store, [0, 5], VOCAB, impl=impl)
     with pytest.raises(ValueError, match=r"order\[0\] = 1\.5"):
@@ -237,3 +238,84 @@ def test_turn_boundaries_bad_input(impl):
         turn_boundaries([0, 9, 1], [0, 3], impl=impl)
     s, e = turn_boundaries([1, 1, 0, 1, 1, 1], [0, 2, 4, 6], impl=impl)
     assert s.tolist() == [0, 3, 4] and e.tolist() == [2, 4, 6]
+
+
+# --- several micro-batches in one call, and the compiled backend's worker threads -------------
+# The compiled scans split inputs into chunks of 2**20 tokens, so the threaded tests below use a
+# few million tokens; FASTRL_NUM_THREADS is read on every call.
+
+THREADS = ["1", "3"]
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_build_packed_batches_matches_one_at_a_time(rng, monkeypatch, threads):
+    monkeypatch.setenv("FASTRL_NUM_THREADS", threads)
+    store, _ = random_store(rng, 120)
+    plan = [rng.permutation(len(store))[: int(rng.integers(1, 30))] for _ in range(7)]
+    cpp = build_packed_batches(store, plan, VOCAB, impl="cpp")
+    py = build_packed_batches(store, plan, VOCAB, impl="python")
+    assert len(cpp) == len(py) == len(plan)
+    for order, a, b in zip(plan, cpp, py):
+        assert_batches_equal(a, b)
+        assert_batches_equal(a, build_packed_batch(store, order, VOCAB, impl="python"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("threads", THREADS)
+def test_build_packed_batches_names_the_first_bad_micro_batch(rng, monkeypatch, impl, threads):
+    monkeypatch.setenv("FASTRL_NUM_THREADS", threads)
+    store, _ = random_store(rng, 40)
+    bad = SequenceStore(store.token_ids.copy(), store.kinds.copy(), store.logprobs,
+                        store.advantages, store.offsets)
+    plan = [[s] for s in range(len(store))]
+    first, second = sorted(rng.choice(np.arange(1, len(store)), size=2, replace=False))
+    bad.token_ids[store.offsets[second]] = -4            # a later micro-batch fails too
+    bad.kinds[store.offsets[first]] = 9
+    with pytest.raises(ValueError, match=rf"^micro-batch {first}: sequence {first} token 0: kind 9"):
+        build_packed_batches(bad, plan, VOCAB, impl=impl)
+    # Orders are checked before anything is filled, in both implementations.
+    with pytest.raises(ValueError, match=rf"^micro-batch {second}: order\[0\] = {len(store)} is not"):
+        build_packed_batches(bad, plan[:second] + [[len(store)]], VOCAB, impl=impl)
+    with pytest.raises(ValueError, match=r"orders\[1\]\[0\] = 0\.5"):
+        build_packed_batches(store, [[0], [0.5]], VOCAB, impl=impl)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_scans_on_millions_of_tokens_match_python(rng, monkeypatch, threads):
+    monkeypatch.setenv("FASTRL_NUM_THREADS", threads)
+    n = int(rng.integers(3_000_000, 4_000_000))
+    ids = rng.integers(0, 151_936, size=n)
+    control = rng.choice(151_936, size=8, replace=False)
+    ids[rng.random(n) < 0.01] = control[0]
+    np.testing.assert_array_equal(control_token_mask(ids, control, 151_936, impl="cpp"),
+                                  control_token_mask(ids, control, 151_936, impl="python"))
+    # Runs of every length, including ones that straddle the 8-byte words of the compiled skip.
+    kinds = (rng.integers(1, 4, size=n) * (rng.random(n) < 0.5)).astype(np.int8)
+    kinds[rng.integers(0, n, size=200)] = 0
+    long_run = int(rng.integers(0, n - 5000))
+    kinds[long_run:long_run + int(rng.integers(1, 5000))] = 1
+    cu = np.unique(np.concatenate([[0, n], rng.integers(0, n, size=500)]))
+    cpp = turn_boundaries(kinds, cu, impl="cpp")
+    py = turn_boundaries(kinds, cu, impl="python")
+    np.testing.assert_array_equal(cpp[0], py[0])
+    np.testing.assert_array_equal(cpp[1], py[1])
+    assert len(cpp[0]) > 1000
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("threads", THREADS)
+def test_scans_name_the_first_bad_item_across_chunks(rng, monkeypatch, impl, threads):
+    monkeypatch.setenv("FASTRL_NUM_THREADS", threads)
+    n = 3 * 2**20 + int(rng.integers(1, 1000))
+    ids = rng.integers(0, 100, size=n)
+    at = int(rng.integers(2**20, 2 * 2**20))             # the second chunk; the third is bad too
+    ids[at], ids[2 * 2**20 + 5] = 100, -1
+    with pytest.raises(ValueError, match=rf"^token_ids\[{at}\] = 100 outside"):
+        control_token_mask(ids, [5, 7], vocab_size=100, impl=impl)
+    kinds = rng.integers(0, 4, size=n).astype(np.int8)
+    kinds[at], kinds[2 * 2**20 + 5] = -2, 4
+    with pytest.raises(ValueError, match=rf"^kinds\[{at}\] = -2: not a TokenKind"):
+        turn_boundaries(kinds, [0, n // 2, n], impl=impl)
+    # Wider kinds are checked before they are narrowed to int8 (259 would wrap onto 3).
+    with pytest.raises(ValueError, match=r"^kinds\[1\] = 259"):
+        turn_boundaries(np.array([0, 259, 1]), [0, 3], impl=impl)

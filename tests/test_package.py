@@ -27,6 +27,15 @@ def test_installed_package_uses_compiled_extension():
     assert _C.__compiled__ is True
 
 
+def test_data_threads_follow_the_environment(monkeypatch):
+    monkeypatch.setenv("FASTRL_NUM_THREADS", "3")
+    assert fastrl.info()["data_threads"] == 3
+    monkeypatch.delenv("FASTRL_NUM_THREADS")
+    import os
+
+    assert fastrl.info()["data_threads"] == max(1, min(os.cpu_count(), 8))
+
+
 def test_cli_info_prints_json():
     out = subprocess.run([sys.executable, "-m", "fastrl", "info"], capture_output=True, text=True,
                          check=True).stdout

@@ -98,15 +98,12 @@ def balance_partitions(lengths, num_parts: int) -> list[list[int]]:
     return [sorted(part) for part in members]
 
 
-def build_packed_tensors(token_ids, kinds, logprobs, advantages, offsets, order, vocab_size: int):
-    """Row t holds input token t and the target token t+1 (with its kind, logprob, advantage);
-    the last row of each sequence has target 0, kind IGNORE, logprob 0, advantage 0."""
+def _check_store(token_ids, kinds, logprobs, advantages, offsets, vocab_size: int):
     token_ids = np.asarray(token_ids, dtype=np.int64).ravel()
     kinds = np.asarray(kinds, dtype=np.int8).ravel()
     logprobs = np.asarray(logprobs, dtype=np.float32).ravel()
     advantages = np.asarray(advantages, dtype=np.float32).ravel()
     offsets = np.asarray(offsets, dtype=np.int64).ravel()
-    order = np.asarray(order, dtype=np.int64).ravel()
     total, num_stored = len(token_ids), len(offsets) - 1
     if vocab_size < 1:
         raise ValueError(f"vocab_size = {vocab_size}: must be positive")
@@ -115,17 +112,30 @@ def build_packed_tensors(token_ids, kinds, logprobs, advantages, offsets, order,
                          f"{len(kinds)}/{len(logprobs)}/{len(advantages)}")
     if num_stored < 0 or offsets[0] != 0 or offsets[-1] != total:
         raise ValueError(f"offsets must start at 0 and end at the number of tokens ({total})")
-    for s in range(num_stored):
-        if offsets[s + 1] <= offsets[s]:
-            raise ValueError(f"sequence {s} has length {offsets[s + 1] - offsets[s]}: "
-                             "lengths must be positive")
+    lengths = np.diff(offsets)
+    if (lengths <= 0).any():
+        s = int(np.argmax(lengths <= 0))
+        raise ValueError(f"sequence {s} has length {lengths[s]}: lengths must be positive")
+    return token_ids, kinds, logprobs, advantages, offsets
+
+
+def _check_order(store, order) -> np.ndarray:
+    offsets = store[-1]
+    order = np.asarray(order, dtype=np.int64).ravel()
+    num_stored = len(offsets) - 1
     for j, s in enumerate(order):
         if s < 0 or s >= num_stored:
             raise ValueError(f"order[{j}] = {s} is not a stored sequence (0..{num_stored - 1})")
-    seq_lengths = [int(offsets[s + 1] - offsets[s]) for s in order]
-    packed = sum(seq_lengths)
+    packed = int((offsets[order + 1] - offsets[order]).sum())
     if packed > INT32_MAX:
         raise ValueError(f"micro-batch of {packed} tokens exceeds 2**31 - 1")
+    return order
+
+
+def _fill(store, order, vocab_size: int):
+    token_ids, kinds, logprobs, advantages, offsets = store
+    seq_lengths = [int(offsets[s + 1] - offsets[s]) for s in order]
+    packed = sum(seq_lengths)
 
     out_ids = np.empty(packed, np.int64)
     out_targets = np.empty(packed, np.int64)
@@ -165,6 +175,32 @@ def build_packed_tensors(token_ids, kinds, logprobs, advantages, offsets, order,
             out_seq_index, cu_seqlens)
 
 
+def build_packed_tensors(token_ids, kinds, logprobs, advantages, offsets, order, vocab_size: int):
+    """Row t holds input token t and the target token t+1 (with its kind, logprob, advantage);
+    the last row of each sequence has target 0, kind IGNORE, logprob 0, advantage 0."""
+    store = _check_store(token_ids, kinds, logprobs, advantages, offsets, vocab_size)
+    return _fill(store, _check_order(store, order), vocab_size)
+
+
+def build_packed_batches(token_ids, kinds, logprobs, advantages, offsets, orders,
+                         vocab_size: int):
+    """build_packed_tensors for each order in `orders`, checking the store once. As in C++, every
+    order is checked before any batch is filled; an error names its micro-batch."""
+    store = _check_store(token_ids, kinds, logprobs, advantages, offsets, vocab_size)
+
+    def each(step, items):
+        out = []
+        for b, item in enumerate(items):
+            try:
+                out.append(step(item))
+            except ValueError as e:
+                raise ValueError(f"micro-batch {b}: {e}") from None
+        return out
+
+    orders = each(lambda order: _check_order(store, order), orders)
+    return each(lambda order: _fill(store, order, vocab_size), orders)
+
+
 def control_token_mask(token_ids, control_ids, vocab_size: int = -1):
     """token_ids[i] in control_ids; vocab_size < 0 only checks ids are non-negative."""
     token_ids = np.asarray(token_ids, dtype=np.int64).ravel()
@@ -192,6 +228,9 @@ def turn_boundaries(kinds, cu_seqlens):
         if cu_seqlens[s + 1] < cu_seqlens[s]:
             raise ValueError(f"cu_seqlens[{s + 1}] = {cu_seqlens[s + 1]} is below "
                              f"cu_seqlens[{s}] = {cu_seqlens[s]}")
+    bad = np.flatnonzero((kinds < 0) | (kinds > MAX_KIND))
+    if len(bad):
+        raise ValueError(f"kinds[{bad[0]}] = {kinds[bad[0]]}: not a TokenKind")
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     # A turn starts at a trained token whose predecessor is untrained or in another sequence,

@@ -69,11 +69,23 @@ def build_packed_batch(store: SequenceStore, order, vocab_size: int,
     return PackedBatch(*arrays, sequences=order)
 
 
+def build_packed_batches(store: SequenceStore, orders, vocab_size: int,
+                         impl: str = "auto") -> list[PackedBatch]:
+    """`build_packed_batch` for each order (one per micro-batch) in one call: the store is checked
+    once, and the compiled backend fills the batches on up to FASTRL_NUM_THREADS threads
+    (default: the machine's cores, at most 8). An error names its micro-batch."""
+    orders = [as_int_array(order, f"orders[{b}]") for b, order in enumerate(orders)]
+    arrays = backend(impl).build_packed_batches(
+        store.token_ids, store.kinds, store.logprobs, store.advantages, store.offsets, orders,
+        as_int(vocab_size, "vocab_size"))
+    return [PackedBatch(*a, sequences=order) for a, order in zip(arrays, orders)]
+
+
 def pack_micro_batches(store: SequenceStore, token_budget: int, vocab_size: int,
                        impl: str = "auto") -> list[PackedBatch]:
     """First-fit-decreasing plan over the store, then one packed batch per micro-batch."""
     plan = pack_sequences(store.lengths, token_budget, impl=impl)
-    return [build_packed_batch(store, bin_, vocab_size, impl=impl) for bin_ in plan]
+    return build_packed_batches(store, plan, vocab_size, impl=impl)
 
 
 def control_token_mask(token_ids, control_ids, vocab_size: int | None = None,
@@ -92,11 +104,14 @@ def turn_boundaries(kinds, cu_seqlens, impl: str = "auto") -> tuple[np.ndarray, 
     crossing a sequence boundary. On a trajectory's own kinds these are its assistant turns;
     on a PackedBatch's target-aligned kinds, rows [s, e) are the rows predicting tokens
     s+1 .. e, i.e. one assistant turn."""
-    kinds = np.asarray(kinds)
-    if kinds.dtype.kind not in "iu":
-        kinds = as_int_array(kinds, "kinds")
-    bad = np.flatnonzero((kinds < 0) | (kinds > 3)) if kinds.size else []
-    if len(bad):
-        raise ValueError(f"kinds[{bad[0]}] = {kinds.ravel()[bad[0]]}: not a TokenKind")
-    return backend(impl).turn_boundaries(np.ascontiguousarray(kinds.ravel(), dtype=np.int8),
+    kinds = np.asarray(kinds).ravel()
+    if kinds.dtype != np.int8:  # check before narrowing, or 259 would wrap onto kind 3
+        if kinds.dtype.kind not in "iu":
+            kinds = as_int_array(kinds, "kinds")
+        bad = np.flatnonzero((kinds < 0) | (kinds > 3))
+        if len(bad):
+            raise ValueError(f"kinds[{bad[0]}] = {kinds[bad[0]]}: not a TokenKind")
+        kinds = kinds.astype(np.int8)
+    # int8 kinds are checked by the backend, in the same pass as the scan.
+    return backend(impl).turn_boundaries(np.ascontiguousarray(kinds),
                                          as_int_array(cu_seqlens, "cu_seqlens"))
