@@ -35,8 +35,12 @@ std::string cat(const Parts&... parts) {
 // machine's cores, at most 8 (these loops are memory-bound; more threads only contend).
 inline int max_threads() {
   if (const char* env = std::getenv("FASTRL_NUM_THREADS")) {
-    const int n = std::atoi(env);
-    if (n >= 1) return n;
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    if (end == env || *end != '\0' || n < 1 || n > 1024) {
+      throw py::value_error(cat("FASTRL_NUM_THREADS = '", env, "': must be an integer in 1..1024"));
+    }
+    return static_cast<int>(n);
   }
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   return std::clamp(cores, 1, 8);

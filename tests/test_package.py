@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import fastrl
 
 
@@ -34,6 +36,12 @@ def test_data_threads_follow_the_environment(monkeypatch):
     import os
 
     assert fastrl.info()["data_threads"] == max(1, min(os.cpu_count(), 8))
+    from fastrl.data import control_token_mask
+
+    for bad in ("two", "0", "4x"):   # a typo is an error, not a silent fallback
+        monkeypatch.setenv("FASTRL_NUM_THREADS", bad)
+        with pytest.raises(ValueError, match=f"FASTRL_NUM_THREADS = '{bad}'"):
+            control_token_mask([1, 2], [2], impl="cpp")
 
 
 def test_cli_info_prints_json():
