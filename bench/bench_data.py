@@ -1,11 +1,14 @@
 """Compiled (fastrl._C) vs pure-Python data path, in one run.
 
-    python -m bench.bench_data [--sequences 100000] [--group 64] [--repeats 3]
+    python -m bench.bench_data [--sequences 100000] [--group 64] [--step-sequences 2000]
+                               [--repeats 3]
 
 Lengths are drawn uniformly from 50 to 8,000 tokens; every op runs on all sequences (100,000
 hold ~400M tokens, ~7 GB as a store). Packed tensors are built for every micro-batch of the
 packing plan, `--group` micro-batches per call (about one training step's worth), each group
-dropped once built, as a trainer consumes them. The scan covers all tokens in one call. Both
+dropped once built, as a trainer consumes them. A further row times what a trainer calls each
+step, `pack_micro_batches` on a store of `--step-sequences`, over 4 such steps. The scan covers
+all tokens in one call. Both
 implementations must give identical results (checked on every group outside the timing). The
 compiled backend uses FASTRL_NUM_THREADS threads (default: the cores, at most 8). Prints a
 Markdown table and writes bench/results/data_cpu.json with the machine it ran on.
@@ -23,7 +26,7 @@ import numpy as np
 
 import fastrl
 from fastrl.data import (SequenceStore, balance_partitions, build_packed_batches,
-                         control_token_mask, pack_sequences, turn_boundaries)
+                         control_token_mask, pack_micro_batches, pack_sequences, turn_boundaries)
 from fastrl.data._impl import compiled
 
 RESULTS = Path(__file__).parent / "results" / "data_cpu.json"
@@ -88,6 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=100_000)
     parser.add_argument("--group", type=int, default=64, help="micro-batches per build call")
+    parser.add_argument("--step-sequences", type=int, default=2_000,
+                        help="sequences per trainer step in the per-step row")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -111,6 +116,14 @@ def main() -> None:
         for group in groups:  # each group's batches are dropped once built
             build_packed_batches(store, group, VOCAB, impl=impl)
 
+    # A trainer's view: each step packs and builds its own store (here 4 steps of --step-sequences)
+    # and drops the batches before the next step.
+    steps = [random_store(rng, rng.integers(50, 8001, size=args.step_sequences)) for _ in range(4)]
+
+    def train_steps(impl):
+        for step in steps:
+            pack_micro_batches(step, TOKEN_BUDGET, VOCAB, impl=impl)
+
     def scan(impl):
         return (control_token_mask(store.token_ids, control_ids, VOCAB, impl=impl),
                 turn_boundaries(store.kinds, store.offsets, impl=impl))
@@ -128,6 +141,8 @@ def main() -> None:
          lambda impl: balance_partitions(lengths, NUM_PARTS, impl=impl)),
         ("build_packed_batches", f"{n:,} seqs ({tokens / 1e6:.0f}M tokens), {len(plan):,} "
          f"micro-batches, {args.group} per call", build),
+        ("pack_micro_batches, per step", f"{args.step_sequences:,} seqs "
+         f"({steps[0].lengths.sum() / 1e6:.0f}M tokens) per step, 4 steps", train_steps),
         ("control scan", f"{n:,} seqs ({tokens / 1e6:.0f}M tokens), {NUM_CONTROL_IDS} control ids"
          " + turn boundaries", scan),
     ]
@@ -159,7 +174,8 @@ def main() -> None:
         "benchmark": "data path: compiled vs pure Python", "machine": info,
         "config": {"sequences": n, "length_range": [50, 8000], "tokens": tokens,
                    "token_budget": TOKEN_BUDGET, "micro_batches": len(plan),
-                   "micro_batches_per_build_call": args.group, "num_parts": NUM_PARTS,
+                   "micro_batches_per_build_call": args.group,
+                   "step_sequences": args.step_sequences, "num_parts": NUM_PARTS,
                    "vocab_size": VOCAB, "control_ids": NUM_CONTROL_IDS,
                    "repeats": args.repeats, "seed": args.seed},
         "results": rows, "note": note,

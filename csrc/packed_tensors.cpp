@@ -5,7 +5,15 @@
 // target_ids/kinds/logprobs/advantages of row t are those of token t+1. The last row of each
 // sequence has no target: target id 0, kind IGNORE, log-prob 0, advantage 0.
 #include <climits>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <new>
+#include <utility>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <pybind11/stl.h>  // the list of orders of build_packed_batches
 
@@ -65,11 +73,11 @@ struct Batch {
   }
 };
 
-Batch allocate_batch(const Store& store, const InArray<int64_t>& order_in) {
-  const int64_t m = order_in.size();
+// The rows of a micro-batch; checks that every entry of `order` names a stored sequence.
+int64_t checked_rows(const Store& store, const InArray<int64_t>& order_in) {
   const int64_t* order = order_in.data();
   int64_t rows = 0;
-  for (int64_t j = 0; j < m; ++j) {
+  for (int64_t j = 0; j < order_in.size(); ++j) {
     if (order[j] < 0 || order[j] >= store.num_stored) {
       throw py::value_error(cat("order[", j, "] = ", order[j], " is not a stored sequence (0..",
                                 store.num_stored - 1, ")"));
@@ -79,10 +87,130 @@ Batch allocate_batch(const Store& store, const InArray<int64_t>& order_in) {
   if (rows > INT32_MAX) {  // cu_seqlens and seq_index are int32, as flash-attn expects
     throw py::value_error(cat("micro-batch of ", rows, " tokens exceeds 2**31 - 1"));
   }
-  return {order, m, rows,
-          py::array_t<int64_t>(rows), py::array_t<int64_t>(rows), py::array_t<int64_t>(rows),
-          py::array_t<int8_t>(rows), py::array_t<float>(rows), py::array_t<float>(rows),
-          py::array_t<int32_t>(rows), py::array_t<int32_t>(m + 1)};
+  return rows;
+}
+
+// Output memory is recycled. A trainer builds a step's micro-batches, uses them and drops them.
+// With fresh arrays each step, the allocator often handed the memory back to the system, and the
+// kernel then mapped and zeroed every output page again, 4 KiB at a time: the compiled build was
+// slower than numpy's. Here the arrays of one call are views of one block; when the last view is
+// dropped the block returns to this pool for the next call. New blocks are mapped with huge pages
+// where the system allows, and sized 1/8 above the request so that the next, slightly larger
+// step still fits (pages never touched cost no memory).
+class BlockPool {
+ public:
+  static constexpr size_t kMaxBlocks = 8;
+  static constexpr size_t kMaxCachedBytes = size_t(2) << 30;
+
+  std::pair<void*, size_t> acquire(size_t bytes) {
+    const size_t size = std::max<size_t>((bytes + bytes / 8 + kHuge - 1) / kHuge * kHuge, kHuge);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto best = free_.end();  // the smallest cached block that fits, at most twice a new one
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->second >= bytes && it->second <= 2 * size &&
+            (best == free_.end() || it->second < best->second)) {
+          best = it;
+        }
+      }
+      if (best != free_.end()) {
+        const auto block = *best;
+        free_.erase(best);
+        cached_ -= block.second;
+        return block;
+      }
+    }
+    void* ptr = map(size);
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++mapped_;
+    return {ptr, size};
+  }
+
+  py::dict stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    py::dict out;
+    out["cached_blocks"] = free_.size();
+    out["cached_bytes"] = cached_;
+    out["blocks_mapped"] = mapped_;  // ever, including the cached ones
+    return out;
+  }
+
+  void release(void* ptr, size_t size) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (free_.size() < kMaxBlocks && cached_ + size <= kMaxCachedBytes) {
+        free_.emplace_back(ptr, size);
+        cached_ += size;
+        return;
+      }
+    }
+    unmap(ptr, size);
+  }
+
+  static BlockPool& instance() {
+    static BlockPool* pool = new BlockPool;  // never destroyed: arrays may outlive static teardown
+    return *pool;
+  }
+
+ private:
+  static constexpr size_t kHuge = size_t(2) << 20;
+
+#if defined(__linux__)
+  static void* map(size_t size) {
+    void* ptr = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (ptr == MAP_FAILED) throw std::bad_alloc();
+    madvise(ptr, size, MADV_HUGEPAGE);  // advice only: without transparent huge pages, 4 KiB
+    return ptr;
+  }
+  static void unmap(void* ptr, size_t size) { munmap(ptr, size); }
+#else
+  static void* map(size_t size) { return ::operator new(size, std::align_val_t(64)); }
+  static void unmap(void* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+#endif
+
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> free_;
+  size_t cached_ = 0;
+  size_t mapped_ = 0;
+};
+
+// Hands out cache-line-aligned arrays from one pooled block; the block returns to the pool when
+// the capsule that every array holds as its base is released.
+class Block {
+ public:
+  static int64_t bytes_for(int64_t rows, int64_t m) {
+    return 3 * padded(rows * 8) + padded(rows) + 3 * padded(rows * 4) + padded((m + 1) * 4);
+  }
+
+  explicit Block(int64_t bytes) {
+    const auto [ptr, size] = BlockPool::instance().acquire(static_cast<size_t>(bytes));
+    next_ = static_cast<uint8_t*>(ptr);
+    owner_ = py::capsule(new std::pair<void*, size_t>(ptr, size), [](void* p) {
+      auto* block = static_cast<std::pair<void*, size_t>*>(p);
+      BlockPool::instance().release(block->first, block->second);
+      delete block;
+    });
+  }
+
+  template <typename T>
+  py::array_t<T> take(int64_t count) {
+    T* ptr = reinterpret_cast<T*>(next_);
+    next_ += padded(count * static_cast<int64_t>(sizeof(T)));
+    return py::array_t<T>({count}, {static_cast<int64_t>(sizeof(T))}, ptr, owner_);
+  }
+
+ private:
+  static int64_t padded(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+  py::capsule owner_;
+  uint8_t* next_ = nullptr;
+};
+
+Batch allocate_batch(const InArray<int64_t>& order, int64_t rows, Block& block) {
+  const int64_t m = order.size();
+  return {order.data(), m, rows,
+          block.take<int64_t>(rows), block.take<int64_t>(rows), block.take<int64_t>(rows),
+          block.take<int8_t>(rows), block.take<float>(rows), block.take<float>(rows),
+          block.take<int32_t>(rows), block.take<int32_t>(m + 1)};
 }
 
 // Fills one batch; touches no Python object, so it runs without the GIL and on worker threads.
@@ -145,7 +273,9 @@ py::tuple build_packed_tensors(const InArray<int64_t>& token_ids, const InArray<
                                const InArray<int64_t>& offsets, const InArray<int64_t>& order,
                                int64_t vocab_size) {
   const Store store = check_store(token_ids, kinds, logprobs, advantages, offsets, vocab_size);
-  Batch batch = allocate_batch(store, order);
+  const int64_t rows = checked_rows(store, order);
+  Block block(Block::bytes_for(rows, order.size()));
+  Batch batch = allocate_batch(order, rows, block);
   {
     py::gil_scoped_release no_gil;
     fill_batch(store, batch, vocab_size);
@@ -159,15 +289,21 @@ py::list build_packed_batches(const InArray<int64_t>& token_ids, const InArray<i
                               const std::vector<InArray<int64_t>>& orders, int64_t vocab_size) {
   const Store store = check_store(token_ids, kinds, logprobs, advantages, offsets, vocab_size);
   const int64_t num_batches = static_cast<int64_t>(orders.size());
-  std::vector<Batch> batches;
-  batches.reserve(num_batches);
+  if (num_batches == 0) return py::list();
+  std::vector<int64_t> rows(num_batches);
+  int64_t bytes = 0;
   for (int64_t b = 0; b < num_batches; ++b) {
     try {
-      batches.push_back(allocate_batch(store, orders[b]));
+      rows[b] = checked_rows(store, orders[b]);
     } catch (const py::value_error& e) {
       throw py::value_error(cat("micro-batch ", b, ": ", e.what()));
     }
+    bytes += Block::bytes_for(rows[b], orders[b].size());
   }
+  Block block(bytes);
+  std::vector<Batch> batches;
+  batches.reserve(num_batches);
+  for (int64_t b = 0; b < num_batches; ++b) batches.push_back(allocate_batch(orders[b], rows[b], block));
   {
     py::gil_scoped_release no_gil;
     parallel_tasks(num_batches, [&](int64_t b) {
@@ -197,6 +333,9 @@ void register_packed_tensors(py::module_& m) {
         py::arg("vocab_size"),
         "build_packed_tensors for each order in `orders` (one per micro-batch): the store is "
         "checked once and the micro-batches are filled on up to FASTRL_NUM_THREADS threads.");
+  m.def("block_pool_stats", [] { return BlockPool::instance().stats(); },
+        "The recycled output memory of the build functions: cached blocks and bytes, blocks "
+        "mapped so far.");
 }
 
 }  // namespace fastrl

@@ -214,3 +214,14 @@ def test_impl_choice(monkeypatch):
     assert _impl.backend("auto") is _reference
     with pytest.raises(ImportError, match="fastrl._C"):
         pack_sequences([1], 2, impl="cpp")
+
+
+def test_every_compiled_data_function_has_a_python_twin():
+    from fastrl import _C
+
+    runtime = {"max_threads", "block_pool_stats"}   # about the compiled runtime, not the data
+    compiled = {name for name in dir(_C) if not name.startswith("_")} - runtime
+    assert compiled >= {"pack_sequences", "balance_partitions", "build_packed_tensors",
+                        "build_packed_batches", "control_token_mask", "turn_boundaries"}
+    missing = [name for name in sorted(compiled) if not callable(getattr(_reference, name, None))]
+    assert not missing, f"no pure-Python twin for {missing}"

@@ -258,6 +258,8 @@ def test_build_packed_batches_matches_one_at_a_time(rng, monkeypatch, threads):
     for order, a, b in zip(plan, cpp, py):
         assert_batches_equal(a, b)
         assert_batches_equal(a, build_packed_batch(store, order, VOCAB, impl="python"))
+    assert build_packed_batches(store, [], VOCAB, impl="cpp") == []
+    assert build_packed_batches(store, [], VOCAB, impl="python") == []
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -319,3 +321,34 @@ def test_scans_name_the_first_bad_item_across_chunks(rng, monkeypatch, impl, thr
     # Wider kinds are checked before they are narrowed to int8 (259 would wrap onto 3).
     with pytest.raises(ValueError, match=r"^kinds\[1\] = 259"):
         turn_boundaries(np.array([0, 259, 1]), [0, 3], impl=impl)
+
+
+def test_pooled_output_memory_outlives_later_calls(rng):
+    # The compiled build hands out views of one pooled block per call; a batch kept from one call
+    # must keep its block (its values never change), and a dropped call's block is reused.
+    store, _ = random_store(rng, 60)
+    plan = [rng.permutation(len(store))[: int(rng.integers(5, 20))] for _ in range(4)]
+    first = build_packed_batches(store, plan, VOCAB, impl="cpp")
+    kept, kept_tensors = first[1], first[2].to_torch()
+    expected = [build_packed_batch(store, plan[1], VOCAB, impl="python"),
+                build_packed_batch(store, plan[2], VOCAB, impl="python").to_torch()]
+    addresses = {b.input_ids.ctypes.data for b in first}
+    del first
+    for _ in range(3):                        # later calls of other sizes and contents
+        other = [rng.permutation(len(store))[: int(rng.integers(5, 40))] for _ in range(4)]
+        again = build_packed_batches(store, other, VOCAB, impl="cpp")
+        assert not addresses & {b.input_ids.ctypes.data for b in again}
+        for a, order in zip(again, other):
+            assert_batches_equal(a, build_packed_batch(store, order, VOCAB, impl="python"))
+        del again
+    assert_batches_equal(kept, expected[0])
+    for name, value in expected[1].items():
+        assert torch.equal(kept_tensors[name], value), name
+    assert kept.input_ids.flags.writeable and kept.input_ids.ctypes.data % 64 == 0
+    # Blocks nothing holds went back to the pool: a call no larger than the earlier ones maps none.
+    from fastrl import _C
+
+    before = _C.block_pool_stats()
+    assert before["cached_blocks"] >= 1
+    build_packed_batches(store, plan[:1], VOCAB, impl="cpp")
+    assert _C.block_pool_stats()["blocks_mapped"] == before["blocks_mapped"]
