@@ -8,10 +8,10 @@ hold ~400M tokens, ~7 GB as a store). Packed tensors are built for every micro-b
 packing plan, `--group` micro-batches per call (about one training step's worth), each group
 dropped once built, as a trainer consumes them. A further row times what a trainer calls each
 step, `pack_micro_batches` on a store of `--step-sequences`, over 4 such steps. The scan covers
-all tokens in one call. Both
-implementations must give identical results (checked on every group outside the timing). The
-compiled backend uses FASTRL_NUM_THREADS threads (default: the cores, at most 8). Prints a
-Markdown table and writes bench/results/data_cpu.json with the machine it ran on.
+all tokens in one call. Both implementations must give identical results (checked on every
+group outside the timing). The compiled backend uses FASTRL_NUM_THREADS threads (default: the
+cores, at most 8). Prints a Markdown table and writes bench/results/data_cpu.json with the
+machine it ran on.
 """
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ def main() -> None:
 
     def train_steps(impl):
         for step in steps:
-            pack_micro_batches(step, TOKEN_BUDGET, VOCAB, impl=impl)
+            batches = pack_micro_batches(step, TOKEN_BUDGET, VOCAB, impl=impl)
+        return batches  # the last step's, for the parity check
 
     def scan(impl):
         return (control_token_mask(store.token_ids, control_ids, VOCAB, impl=impl),

@@ -14,7 +14,7 @@ from fastrl.data.trajectory import Role, Segment, SequenceStore, Trajectory
 __all__ = [
     "PackedBatch", "PackedOutput", "Role", "Segment", "SequenceStore",
     "TemplateNotPrefixStableError", "Trajectory", "balance_partitions", "block_causal_mask",
-    "build_packed_batch", "build_packed_batches", "control_token_mask", "end_of_turn_id", "pack_micro_batches",
-    "pack_sequences", "packed_forward", "render_observation", "render_prompt",
-    "render_turn_tail", "turn_boundaries",
+    "build_packed_batch", "build_packed_batches", "control_token_mask", "end_of_turn_id",
+    "pack_micro_batches", "pack_sequences", "packed_forward", "render_observation",
+    "render_prompt", "render_turn_tail", "turn_boundaries",
 ]

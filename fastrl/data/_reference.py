@@ -120,7 +120,7 @@ def _check_store(token_ids, kinds, logprobs, advantages, offsets, vocab_size: in
 
 
 def _check_order(store, order) -> np.ndarray:
-    offsets = store[-1]
+    *_, offsets = store
     order = np.asarray(order, dtype=np.int64).ravel()
     num_stored = len(offsets) - 1
     for j, s in enumerate(order):
