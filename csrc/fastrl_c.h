@@ -11,6 +11,7 @@
 #include <exception>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -46,13 +47,13 @@ inline int max_threads() {
   return std::clamp(cores, 1, 8);
 }
 
-// Runs fn(task) for task in [0, num_tasks) on up to max_threads() threads (tasks are claimed in
-// order from a shared counter). Call with the GIL released; fn must not touch Python objects.
-// An exception escapes from the lowest-numbered failing task, so errors do not depend on
-// scheduling.
+// Runs fn(task) for task in [0, num_tasks) on up to `threads` threads (tasks are claimed in order
+// from a shared counter). Call with the GIL released, and read max_threads() before releasing it
+// (the environment is Python's to change); fn must not touch Python objects. An exception
+// escapes from the lowest-numbered failing task, so errors do not depend on scheduling.
 template <typename Fn>
-void parallel_tasks(int64_t num_tasks, Fn fn) {
-  const int64_t threads = std::min<int64_t>(max_threads(), num_tasks);
+void parallel_tasks(int64_t num_tasks, int threads, Fn fn) {
+  threads = static_cast<int>(std::min<int64_t>(threads, num_tasks));
   if (threads <= 1) {
     for (int64_t t = 0; t < num_tasks; ++t) fn(t);
     return;
@@ -73,7 +74,11 @@ void parallel_tasks(int64_t num_tasks, Fn fn) {
     }
   };
   std::vector<std::thread> pool;
-  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(work);
+  try {
+    for (int i = 1; i < threads; ++i) pool.emplace_back(work);
+  } catch (const std::system_error&) {
+    // No more threads to be had (limits, containers): the ones started and this one do the rest.
+  }
   work();
   for (auto& th : pool) th.join();
   if (first_failed.load() != INT64_MAX) std::rethrow_exception(errors[first_failed.load()]);

@@ -127,11 +127,16 @@ class BlockPool {
   }
 
   py::dict stats() {
-    std::lock_guard<std::mutex> lock(mutex_);
+    size_t blocks, bytes, mapped;
+    {
+      // Copies only: building the dict may run the garbage collector, whose frees call release().
+      std::lock_guard<std::mutex> lock(mutex_);
+      blocks = free_.size(), bytes = cached_, mapped = mapped_;
+    }
     py::dict out;
-    out["cached_blocks"] = free_.size();
-    out["cached_bytes"] = cached_;
-    out["blocks_mapped"] = mapped_;  // ever, including the cached ones
+    out["cached_blocks"] = blocks;
+    out["cached_bytes"] = bytes;
+    out["blocks_mapped"] = mapped;  // ever, including the cached ones
     return out;
   }
 
@@ -185,11 +190,18 @@ class Block {
   explicit Block(int64_t bytes) {
     const auto [ptr, size] = BlockPool::instance().acquire(static_cast<size_t>(bytes));
     next_ = static_cast<uint8_t*>(ptr);
-    owner_ = py::capsule(new std::pair<void*, size_t>(ptr, size), [](void* p) {
-      auto* block = static_cast<std::pair<void*, size_t>*>(p);
-      BlockPool::instance().release(block->first, block->second);
+    auto* block = new std::pair<void*, size_t>(ptr, size);
+    try {
+      owner_ = py::capsule(block, [](void* p) {
+        auto* owned = static_cast<std::pair<void*, size_t>*>(p);
+        BlockPool::instance().release(owned->first, owned->second);
+        delete owned;
+      });
+    } catch (...) {
+      BlockPool::instance().release(ptr, size);
       delete block;
-    });
+      throw;
+    }
   }
 
   template <typename T>
@@ -304,9 +316,10 @@ py::list build_packed_batches(const InArray<int64_t>& token_ids, const InArray<i
   std::vector<Batch> batches;
   batches.reserve(num_batches);
   for (int64_t b = 0; b < num_batches; ++b) batches.push_back(allocate_batch(orders[b], rows[b], block));
+  const int threads = max_threads();
   {
     py::gil_scoped_release no_gil;
-    parallel_tasks(num_batches, [&](int64_t b) {
+    parallel_tasks(num_batches, threads, [&](int64_t b) {
       try {
         fill_batch(store, batches[b], vocab_size);
       } catch (const py::value_error& e) {

@@ -32,12 +32,13 @@ py::array_t<bool> control_token_mask(const InArray<int64_t>& token_ids_in,
 
   py::array_t<bool> mask(n);
   bool* out = mask.mutable_data();
+  const int threads = max_threads();
   {
     py::gil_scoped_release no_gil;
     const uint64_t limit = vocab_size >= 0 ? static_cast<uint64_t>(vocab_size) : UINT64_MAX;
     const uint64_t clamp = static_cast<uint64_t>(table_size);
     const uint8_t* table = is_control.data();
-    parallel_tasks((n + kChunk - 1) / kChunk, [&](int64_t task) {
+    parallel_tasks((n + kChunk - 1) / kChunk, threads, [&](int64_t task) {
       const int64_t chunk_end = std::min(n, (task + 1) * kChunk);
       // Blocks keep the range check and the lookup branch-free (the compiler vectorises the
       // max); only a block holding a bad id is rescanned to name it.
@@ -106,9 +107,10 @@ py::tuple turn_boundaries(const InArray<int8_t>& kinds_in, const InArray<int64_t
   if (first_seq.back() != num_seqs) first_seq.push_back(num_seqs);
   const int64_t num_tasks = static_cast<int64_t>(first_seq.size()) - 1;
   std::vector<std::vector<int64_t>> starts(num_tasks), ends(num_tasks);
+  const int threads = max_threads();
   {
     py::gil_scoped_release no_gil;
-    parallel_tasks(num_tasks, [&](int64_t task) {
+    parallel_tasks(num_tasks, threads, [&](int64_t task) {
       const int64_t lo = cu[first_seq[task]], hi = cu[first_seq[task + 1]];
       uint8_t top = 0;  // negative kinds wrap above kMaxKind
       for (int64_t i = lo; i < hi; ++i) top = std::max(top, static_cast<uint8_t>(kinds[i]));

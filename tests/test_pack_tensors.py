@@ -283,6 +283,24 @@ def test_build_packed_batches_names_the_first_bad_micro_batch(rng, monkeypatch, 
 
 
 @pytest.mark.parametrize("threads", THREADS)
+def test_build_error_is_the_lowest_micro_batch_not_the_first_to_fail(rng, monkeypatch, threads):
+    # Micro-batch 0 is long and bad at its very end; micro-batch 1 is short and bad at once, so on
+    # several threads it fails first in time. The error must still be micro-batch 0's.
+    monkeypatch.setenv("FASTRL_NUM_THREADS", threads)
+    lengths = [int(rng.integers(2_000_000, 3_000_000)), 10, 10]
+    total = sum(lengths)
+    kinds = rng.integers(0, 4, size=total).astype(np.int8)
+    kinds[lengths[0] - 1] = 9
+    ids = rng.integers(0, VOCAB, size=total)
+    ids[lengths[0]] = VOCAB
+    store = SequenceStore(ids, kinds, np.zeros(total, np.float32), np.zeros(total, np.float32),
+                          np.concatenate([[0], np.cumsum(lengths)]))
+    for _ in range(3):
+        with pytest.raises(ValueError, match=rf"^micro-batch 0: sequence 0 token {lengths[0] - 1}: kind 9"):
+            build_packed_batches(store, [[0], [1], [2]], VOCAB, impl="cpp")
+
+
+@pytest.mark.parametrize("threads", THREADS)
 def test_scans_on_millions_of_tokens_match_python(rng, monkeypatch, threads):
     monkeypatch.setenv("FASTRL_NUM_THREADS", threads)
     n = int(rng.integers(3_000_000, 4_000_000))
@@ -310,7 +328,8 @@ def test_scans_name_the_first_bad_item_across_chunks(rng, monkeypatch, impl, thr
     monkeypatch.setenv("FASTRL_NUM_THREADS", threads)
     n = 3 * 2**20 + int(rng.integers(1, 1000))
     ids = rng.integers(0, 100, size=n)
-    at = int(rng.integers(2**20, 2 * 2**20))             # the second chunk; the third is bad too
+    at = int(rng.integers(2**20, n // 2))                # the second chunk and the first sequence;
+                                                          # the third chunk and second sequence too
     ids[at], ids[2 * 2**20 + 5] = 100, -1
     with pytest.raises(ValueError, match=rf"^token_ids\[{at}\] = 100 outside"):
         control_token_mask(ids, [5, 7], vocab_size=100, impl=impl)
