@@ -31,11 +31,10 @@ def compiled_extension_active() -> bool:
 def _data_threads() -> int:
     """Threads of the compiled data path (FASTRL_NUM_THREADS, else the cores, at most 8); 1 when
     the pure-Python fallback runs."""
-    try:
-        from fastrl import _C
-    except ImportError:
-        return 1
-    return _C.max_threads()
+    from fastrl.data._impl import compiled
+
+    ext = compiled()
+    return ext.max_threads() if ext is not None else 1
 
 
 def info() -> dict:

@@ -217,6 +217,14 @@ def control_token_mask(token_ids, control_ids, vocab_size: int = -1):
     return np.isin(token_ids, control_ids)
 
 
+def check_kinds(kinds: np.ndarray) -> None:
+    """Every kind is a TokenKind (0..3); else a ValueError naming the first bad index. Also the
+    check fastrl.data.packed runs on integer kinds wider than int8, before narrowing them."""
+    bad = np.flatnonzero((kinds < 0) | (kinds > MAX_KIND))
+    if len(bad):
+        raise ValueError(f"kinds[{bad[0]}] = {kinds[bad[0]]}: not a TokenKind")
+
+
 def turn_boundaries(kinds, cu_seqlens):
     """Half-open spans (starts, ends) of maximal runs of non-IGNORE kinds within each sequence."""
     kinds = np.asarray(kinds, dtype=np.int8).ravel()
@@ -228,9 +236,7 @@ def turn_boundaries(kinds, cu_seqlens):
         if cu_seqlens[s + 1] < cu_seqlens[s]:
             raise ValueError(f"cu_seqlens[{s + 1}] = {cu_seqlens[s + 1]} is below "
                              f"cu_seqlens[{s}] = {cu_seqlens[s]}")
-    bad = np.flatnonzero((kinds < 0) | (kinds > MAX_KIND))
-    if len(bad):
-        raise ValueError(f"kinds[{bad[0]}] = {kinds[bad[0]]}: not a TokenKind")
+    check_kinds(kinds)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     # A turn starts at a trained token whose predecessor is untrained or in another sequence,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastrl.data import _reference
 from fastrl.data._impl import as_int, as_int_array, backend
 from fastrl.data.packing import pack_sequences
 from fastrl.data.trajectory import SequenceStore
@@ -108,9 +109,7 @@ def turn_boundaries(kinds, cu_seqlens, impl: str = "auto") -> tuple[np.ndarray, 
     if kinds.dtype != np.int8:  # check before narrowing, or 259 would wrap onto kind 3
         if kinds.dtype.kind not in "iu":
             kinds = as_int_array(kinds, "kinds")
-        bad = np.flatnonzero((kinds < 0) | (kinds > 3))
-        if len(bad):
-            raise ValueError(f"kinds[{bad[0]}] = {kinds[bad[0]]}: not a TokenKind")
+        _reference.check_kinds(kinds)
         kinds = kinds.astype(np.int8)
     # int8 kinds are checked by the backend, in the same pass as the scan.
     return backend(impl).turn_boundaries(np.ascontiguousarray(kinds),
