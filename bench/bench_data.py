@@ -10,7 +10,8 @@ dropped once built, as a trainer consumes them. A further row times what a train
 step, `pack_micro_batches` on a store of `--step-sequences`, over 4 such steps. The scan covers
 all tokens in one call. Both implementations must give identical results (checked on every
 group outside the timing). The compiled backend uses FASTRL_NUM_THREADS threads (default: the
-cores, at most 8). Prints a Markdown table and writes bench/results/data_cpu.json with the
+cores, at most 8). The build rows also time a bare copy of the build's bytes (torch copy_/fill_ on
+as many threads, no per-sequence work): how far any implementation could go. Prints a Markdown table and writes bench/results/data_cpu.json with the
 machine it ran on.
 """
 from __future__ import annotations
@@ -69,6 +70,30 @@ def same(a, b) -> bool:
     if hasattr(a, "__dataclass_fields__"):
         return all(same(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
     return a == b
+
+
+def bare_copy(stores: list[SequenceStore], chunk: int):
+    """The build's memory traffic without its per-sequence work, as a yardstick for the build
+    rows: each store's four arrays copied `chunk` tokens at a time into recycled buffers, and the
+    three arrays the build computes (targets, positions, sequence index) written, by torch's
+    multi-threaded copy_/fill_. Same bytes as the build (17 read and 37 written per token), so
+    python_ms / bare_ms is about the most any implementation of the build could gain here."""
+    import torch
+
+    src = [[torch.from_numpy(a) for a in (s.token_ids, s.kinds, s.logprobs, s.advantages)]
+           for s in stores]
+    copied = [torch.empty(chunk, dtype=a.dtype) for a in src[0]]
+    written = [torch.empty(chunk, dtype=d) for d in (torch.int64, torch.int64, torch.int32)]
+
+    def run(_impl=None):
+        for arrays in src:
+            for start in range(0, len(arrays[0]), chunk):
+                n = min(chunk, len(arrays[0]) - start)
+                for out, a in zip(copied, arrays):
+                    out[:n].copy_(a[start:start + n])
+                for out in written:
+                    out[:n].fill_(1)
+    return run
 
 
 def machine_info() -> dict:
@@ -147,6 +172,14 @@ def main() -> None:
         ("control scan", f"{n:,} seqs ({tokens / 1e6:.0f}M tokens), {NUM_CONTROL_IDS} control ids"
          " + turn boundaries", scan),
     ]
+    # The yardstick for the build rows runs on as many threads as the compiled backend.
+    import torch
+
+    threads = ext.max_threads()
+    torch.set_num_threads(threads)
+    yardsticks = {"build_packed_batches": bare_copy([store], args.group * TOKEN_BUDGET),
+                  "pack_micro_batches, per step": bare_copy(steps, max(s.lengths.sum()
+                                                                       for s in steps))}
     rows = []
     for name, size, fn in ops:
         cpp_s, cpp_out = best_time(lambda: fn("cpp"), args.repeats)
@@ -154,21 +187,29 @@ def main() -> None:
         if not same(cpp_out, py_out):
             raise SystemExit(f"{name}: compiled and Python results differ")
         del cpp_out, py_out
-        rows.append({"op": name, "size": size, "cpp_ms": cpp_s * 1e3, "python_ms": py_s * 1e3,
-                     "speedup": py_s / cpp_s})
+        row = {"op": name, "size": size, "cpp_ms": cpp_s * 1e3, "python_ms": py_s * 1e3,
+               "speedup": py_s / cpp_s}
+        if name in yardsticks:
+            bare_s, _ = best_time(yardsticks[name], args.repeats)
+            row.update(bare_copy_ms=bare_s * 1e3, python_over_bare_copy=py_s / bare_s)
+        rows.append(row)
         print(f"{name}: cpp {cpp_s * 1e3:.1f} ms, python {py_s * 1e3:.1f} ms", flush=True)
 
-    table = ["| op | size | compiled (ms) | pure Python (ms) | speedup |",
-             "|---|---|---:|---:|---:|"]
+    table = ["| op | size | compiled (ms) | pure Python (ms) | speedup | bare copy (ms) | "
+             "pure Python / bare copy |", "|---|---|---:|---:|---:|---:|---:|"]
     table += [f"| {r['op']} | {r['size']} | {r['cpp_ms']:.1f} | {r['python_ms']:.1f} | "
-              f"{r['speedup']:.1f}x |" for r in rows]
+              f"{r['speedup']:.1f}x | " + (f"{r['bare_copy_ms']:.1f} | "
+                                           f"{r['python_over_bare_copy']:.1f}x |"
+                                           if "bare_copy_ms" in r else "- | - |") for r in rows]
     info = machine_info()
-    info["compiled_threads"] = ext.max_threads()
+    info["compiled_threads"] = threads
     note = (f"Lengths uniform in [50, 8000], {n:,} sequences ({tokens / 1e6:.0f}M tokens). Best of "
             f"{args.repeats} runs. CPU: {info['cpu']}, {info['cores']} cores; the compiled "
-            f"backend ran on {info['compiled_threads']} threads. The Python twins of build and "
+            f"backend ran on {threads} thread{'s' * (threads != 1)}. The Python twins of build and "
             "scan are numpy-vectorised and these ops are memory-bound, so their compiled "
-            "speedup is bounded by memory bandwidth, not by the interpreter.")
+            "speedup is bounded by memory bandwidth, not by the interpreter. Bare copy moves "
+            "the build's bytes with torch's copy_/fill_ on as many threads and no per-sequence "
+            "work; pure Python / bare copy is about the most any build could gain here.")
     print("\n" + "\n".join(table) + "\n\n" + note)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

@@ -3,8 +3,8 @@
     torchrun --nproc_per_node 2 tests/_dist_worker.py OUT_DIR SEED [fsdp]   (each rank its shard)
     import _dist_worker; _dist_worker.run_step(SEED)                         (one process, whole batch)
 
-`fsdp` shards the model with FSDP2 (gloo) and runs the loop policy_update must run for a sharded
-model (forward_with_head, FSDP's summed reduce-scatter instead of an all-reduce).
+`fsdp` shards the model with FSDP2 (gloo) and runs policy_update on it (forward_with_head, FSDP's
+summed reduce-scatter instead of an all-reduce, idle passes for a rank out of micro-batches).
 
 Everything random comes from SEED, so every process builds the same batch and the same initial
 model. Each rank saves what it saw and the parameters after the step to OUT_DIR/rank{R}.pt.
@@ -17,11 +17,10 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from fastrl.data import SequenceStore, Trajectory
-from fastrl.data.packed import pack_micro_batches
-from fastrl.ops import PolicyLossConfig, TokenKind, linear_policy_loss
-from fastrl.trainer.distributed import (cleanup, forward_with_head, full_state_dict, global_micro_batches,
-                                        idle_forward_backward, init_distributed, is_sharded, shard_trajectories,
+import fastrl.trainer.update as update_module
+from fastrl.data import Trajectory
+from fastrl.ops import PolicyLossConfig, TokenKind
+from fastrl.trainer.distributed import (cleanup, full_state_dict, init_distributed, is_sharded, shard_trajectories,
                                         wrap_model)
 from fastrl.trainer.checkpoint import export_pretrained, gather_train_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastrl.trainer.update import policy_update
@@ -32,6 +31,7 @@ LR = 0.5
 GRAD_CLIP = 0.05         # small enough to clip: clipping must use the global gradient norm
 ADAM_LR = 1e-2
 MICRO_BATCH_TOKENS = 64  # above the longest sequence (50), below a rank's share: several micro-batches
+LOSS_CONFIG = PolicyLossConfig(entropy_coef=0.01, sft_weight=0.5, unlikelihood_weight=0.3)
 
 
 def build_model(seed: int):
@@ -79,77 +79,63 @@ def run_step(seed: int, info=None) -> dict:
         on_policy = [on_policy[i] for i in indices]
         model = wrap_model(model, info)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    cfg = PolicyLossConfig(entropy_coef=0.01, sft_weight=0.5, unlikelihood_weight=0.3)
-    result = policy_update(model, trajs, optimizer=opt, loss_config=cfg, control_ids=CONTROL,
+    result = policy_update(model, trajs, optimizer=opt, loss_config=LOSS_CONFIG, control_ids=CONTROL,
                            micro_batch_tokens=MICRO_BATCH_TOKENS, grad_clip=GRAD_CLIP, on_policy=on_policy)
     return {"loss": result.loss, "grad_norm": result.grad_norm, "skipped": result.skipped,
             "loss_tokens": result.metrics["loss_tokens"], "indices": indices, "plans": plans,
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-def forward_backward(model, trajs, budget: int, device="cpu") -> torch.Tensor:
-    """The loop policy_update runs for a sharded model (plain models too): every micro-batch's
-    loss through forward_with_head, normalised by the global counts, idle passes up to the most
-    micro-batches any rank has. Returns this rank's loss sum and (own micro-batches, passes run)."""
-    cfg = PolicyLossConfig(entropy_coef=0.01, sft_weight=0.5, unlikelihood_weight=0.3)
-    batches = pack_micro_batches(SequenceStore.from_trajectories(trajs), budget, VOCAB)
-    counts = torch.tensor([sum(int((b.kinds != TokenKind.IGNORE).sum()) for b in batches),
-                           sum(len(set(b.seq_index[b.kinds != TokenKind.IGNORE].tolist())) for b in batches)],
-                          dtype=torch.float64, device=device)   # nccl reduces CUDA tensors only
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(counts)     # the global normalisers
-    steps = global_micro_batches(len(batches))
-    for i in range(steps):
-        rows = None
-        if i < len(batches):
-            t = batches[i].to_torch(device)
-            rows = (t["kinds"] != TokenKind.IGNORE).nonzero()[:, 0]
-        if rows is None or rows.numel() == 0:
-            idle_forward_backward(model)
-            continue
-        hidden, head = forward_with_head(model, t["input_ids"], t["position_ids"], t["cu_seqlens"])
-        out = linear_policy_loss(hidden[rows], head, t["target_ids"][rows], kinds=t["kinds"][rows],
-                                 advantages=t["advantages"][rows], old_logprobs=t["logprobs"][rows],
-                                 control_ids=CONTROL, config=cfg, seq_ids=t["seq_index"][rows],
-                                 num_tokens=int(counts[0]), num_sequences=int(counts[1]))
-        out.loss.backward()
-        loss += out.loss.detach().double()
-    return loss, (len(batches), steps)
+class PassCounter:
+    """Counts the idle passes policy_update runs (ranks out of micro-batches pad with them so
+    FSDP's collectives pair up) by wrapping the trainer's own idle_forward_backward."""
+
+    def __init__(self):
+        self.idle = 0
+
+    def __enter__(self):
+        self.saved = update_module.idle_forward_backward
+
+        def counted(model):
+            self.idle += 1
+            return self.saved(model)
+        update_module.idle_forward_backward = counted
+        return self
+
+    def __exit__(self, *exc):
+        update_module.idle_forward_backward = self.saved
 
 
 def fsdp_step(seed: int, info=None) -> dict:
-    """Forward/backward of every micro-batch through `forward_with_head`, then one SGD step: with
-    `info` from torchrun on an FSDP2-sharded model and this rank's shard, else plainly on the whole
-    batch. Returns the loss, the global gradient norm and the full weights after the step.
+    """One policy_update SGD step: with `info` from torchrun on an FSDP2-sharded model and this
+    rank's shard, else plainly on the whole batch. Returns the loss, the global gradient norm, the
+    micro-batch counts (own, passes run including idle ones) and the full weights after the step.
 
     Rank 0 packs everything into one micro-batch and the others into one per sequence (the loss
     does not depend on packing), so the ranks have different micro-batch counts to pad."""
     trajs, _ = build_batch(seed)
     model = build_model(seed)
-    budget, device = MICRO_BATCH_TOKENS, "cpu"
+    budget = MICRO_BATCH_TOKENS
     if info is not None and info.enabled:
-        device = info.device          # CUDA under nccl: wrap_model moves the model there
         trajs, _ = shard_trajectories(trajs, info.rank, info.world_size)
-        model = wrap_model(model, info, shard=True)
+        model = wrap_model(model, info, shard=True)   # CUDA under nccl: moves the model there
         assert is_sharded(model)
         budget = 4096 if info.rank == 0 else max(len(t) for t in trajs)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    loss, micro_batches = forward_backward(model, trajs, budget, device)
-    if dist.is_initialized():
-        dist.all_reduce(loss)       # only the loss: FSDP already summed the gradients
-    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), GRAD_CLIP)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    opt.step()
-    return {"loss": float(loss), "grad_norm": float(norm), "micro_batches": micro_batches,
+    with PassCounter() as passes:
+        result = policy_update(model, trajs, optimizer=opt, loss_config=LOSS_CONFIG, control_ids=CONTROL,
+                               micro_batch_tokens=budget, grad_clip=GRAD_CLIP)
+    assert not result.skipped
+    micro_batches = (result.metrics["micro_batches"], result.forward_passes + passes.idle)
+    return {"loss": result.loss, "grad_norm": result.grad_norm, "micro_batches": micro_batches,
             "rank0_only_keys": len(full_state_dict(model)),
             "params": {k: v.detach().cpu().clone() for k, v in full_state_dict(model, rank0_only=False).items()}}
 
 
 def adam_step(model, opt, trajs, budget: int = MICRO_BATCH_TOKENS) -> None:
-    forward_backward(model, trajs, budget)
-    opt.step()
-    opt.zero_grad()
+    result = policy_update(model, trajs, optimizer=opt, loss_config=LOSS_CONFIG, control_ids=CONTROL,
+                           micro_batch_tokens=budget)
+    assert not result.skipped
 
 
 def fsdp_checkpoint(seed: int, info, out_dir: str) -> dict:
