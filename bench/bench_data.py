@@ -11,8 +11,8 @@ step, `pack_micro_batches` on a store of `--step-sequences`, over 4 such steps. 
 all tokens in one call. Both implementations must give identical results (checked on every
 group outside the timing). The compiled backend uses FASTRL_NUM_THREADS threads (default: the
 cores, at most 8). The build rows also time a bare copy of the build's bytes (torch copy_/fill_ on
-as many threads, no per-sequence work): how far any implementation could go. Prints a Markdown table and writes bench/results/data_cpu.json with the
-machine it ran on.
+as many threads, no per-sequence work): how far any implementation could go. Prints a Markdown
+table and writes bench/results/data_cpu.json with the machine it ran on.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import fastrl
 from fastrl.data import (SequenceStore, balance_partitions, build_packed_batches,
@@ -78,14 +79,12 @@ def bare_copy(stores: list[SequenceStore], chunk: int):
     three arrays the build computes (targets, positions, sequence index) written, by torch's
     multi-threaded copy_/fill_. Same bytes as the build (17 read and 37 written per token), so
     python_ms / bare_ms is about the most any implementation of the build could gain here."""
-    import torch
-
     src = [[torch.from_numpy(a) for a in (s.token_ids, s.kinds, s.logprobs, s.advantages)]
            for s in stores]
     copied = [torch.empty(chunk, dtype=a.dtype) for a in src[0]]
     written = [torch.empty(chunk, dtype=d) for d in (torch.int64, torch.int64, torch.int32)]
 
-    def run(_impl=None):
+    def run():
         for arrays in src:
             for start in range(0, len(arrays[0]), chunk):
                 n = min(chunk, len(arrays[0]) - start)
@@ -105,8 +104,6 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    import torch
-
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "numpy": np.__version__, "fastrl": fastrl.__version__,
             "platform": platform.platform()}
@@ -173,8 +170,6 @@ def main() -> None:
          " + turn boundaries", scan),
     ]
     # The yardstick for the build rows runs on as many threads as the compiled backend.
-    import torch
-
     threads = ext.max_threads()
     torch.set_num_threads(threads)
     yardsticks = {"build_packed_batches": bare_copy([store], args.group * TOKEN_BUDGET),

@@ -21,11 +21,9 @@ def _version(module_name: str) -> str | None:
 
 def compiled_extension_active() -> bool:
     """True when the pybind11 extension `fastrl._C` imports (the installed package builds it)."""
-    try:
-        from fastrl import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from fastrl.data._impl import compiled
+
+    return compiled() is not None
 
 
 def _data_threads() -> int:

@@ -11,6 +11,7 @@ model. Each rank saves what it saw and the parameters after the step to OUT_DIR/
 """
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -86,26 +87,6 @@ def run_step(seed: int, info=None) -> dict:
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-class PassCounter:
-    """Counts the idle passes policy_update runs (ranks out of micro-batches pad with them so
-    FSDP's collectives pair up) by wrapping the trainer's own idle_forward_backward."""
-
-    def __init__(self):
-        self.idle = 0
-
-    def __enter__(self):
-        self.saved = update_module.idle_forward_backward
-
-        def counted(model):
-            self.idle += 1
-            return self.saved(model)
-        update_module.idle_forward_backward = counted
-        return self
-
-    def __exit__(self, *exc):
-        update_module.idle_forward_backward = self.saved
-
-
 def fsdp_step(seed: int, info=None) -> dict:
     """One policy_update SGD step: with `info` from torchrun on an FSDP2-sharded model and this
     rank's shard, else plainly on the whole batch. Returns the loss, the global gradient norm, the
@@ -122,11 +103,14 @@ def fsdp_step(seed: int, info=None) -> dict:
         assert is_sharded(model)
         budget = 4096 if info.rank == 0 else max(len(t) for t in trajs)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    with PassCounter() as passes:
+    # Count the idle passes (a rank out of micro-batches pads with them so FSDP's collectives pair
+    # up) through the trainer's own idle_forward_backward.
+    with mock.patch.object(update_module, "idle_forward_backward",
+                           wraps=update_module.idle_forward_backward) as idle:
         result = policy_update(model, trajs, optimizer=opt, loss_config=LOSS_CONFIG, control_ids=CONTROL,
                                micro_batch_tokens=budget, grad_clip=GRAD_CLIP)
     assert not result.skipped
-    micro_batches = (result.metrics["micro_batches"], result.forward_passes + passes.idle)
+    micro_batches = (result.metrics["micro_batches"], result.forward_passes + idle.call_count)
     return {"loss": result.loss, "grad_norm": result.grad_norm, "micro_batches": micro_batches,
             "rank0_only_keys": len(full_state_dict(model)),
             "params": {k: v.detach().cpu().clone() for k, v in full_state_dict(model, rank0_only=False).items()}}
